@@ -1,0 +1,65 @@
+"""Method registry and the own adapter file format.
+
+``attach(model, method_cfg)`` dispatches to ``finetune.adapters.<method>.attach``, whose keyword
+arguments are exactly the fields of that method's config (``finetune.config``). An adapter is saved
+as ``adapter.safetensors`` (tensors) plus ``adapter.json`` (method, settings, base model).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from finetune.errors import UserError
+
+METHODS = ("full", "lora", "mora", "vblora")
+WEIGHTS_FILE = "adapter.safetensors"
+META_FILE = "adapter.json"
+
+
+def method_module(method: str):
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    try:
+        return importlib.import_module(f"finetune.adapters.{method}")
+    except ModuleNotFoundError as e:
+        if e.name == f"finetune.adapters.{method}":
+            raise UserError(f"method {method!r} is not available in this version") from None
+        raise
+
+
+def attach(model, method: str, settings: dict):
+    """Attach ``method`` to ``model`` with ``settings`` (the method config minus its name)."""
+    return method_module(method).attach(model, **settings)
+
+
+def save_adapter(adapter, directory: str | Path, meta: dict | None = None) -> Path:
+    """Write ``adapter.safetensors`` and ``adapter.json`` into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "method": adapter.method})
+    info = {"method": adapter.method, "settings": adapter.settings, **(meta or {})}
+    (directory / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise UserError(f"{directory}: no {META_FILE} here; expected a finetune run or adapter directory")
+    return json.loads(path.read_text())
+
+
+def load_adapter(model, directory: str | Path):
+    """Attach the adapter saved in ``directory`` to ``model`` and load its weights."""
+    from safetensors.torch import load_file
+
+    meta = read_meta(directory)
+    adapter = attach(model, meta["method"], meta["settings"])
+    state = load_file(str(Path(directory) / WEIGHTS_FILE))
+    adapter.load_state_dict(state)
+    return adapter

@@ -1,0 +1,369 @@
+"""Configuration: structured schemas (dataclasses in Hydra's ConfigStore), composition of the YAML
+groups in ``conf/`` (``model``, ``method``, ``task``) with shell overrides, and validation.
+
+Every dataclass mirrors the arguments of the code it configures: a method's fields (less ``name``)
+are the keyword arguments of ``finetune.adapters.<name>.attach``; a task's fields configure
+``finetune.tasks.<name>``. Unknown keys, wrong types and unknown group options are rejected while
+composing, before anything heavy is imported.
+
+This module imports only hydra/omegaconf (no torch): ``finetune config`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from finetune.errors import UserError
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+GROUPS = ("model", "method", "task")
+
+
+def _targets():
+    return list(ALL_LINEAR)
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
+# --------------------------------------------------------------------------------------------
+
+
+class Init(str, Enum):
+    pretrained = "pretrained"
+    random = "random"
+
+
+@dataclass
+class ModelConfig:
+    """The base model. ``path``: local HF directory, hub id, or ``pkg:NAME`` (a folder inside an
+    installed Python package); ``init=random`` builds the architecture from ``arch`` instead."""
+
+    name: str = "custom"
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = None  # defaults to path; "bytes" = the built-in byte tokenizer
+    init: Init = Init.pretrained
+    arch: Dict[str, Any] = field(default_factory=dict)  # config values (random init)
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    quantize: Optional[str] = None  # None | 4bit | 8bit (bitsandbytes)
+    double_quant: bool = True  # 4-bit: QLoRA double quantization
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    attn_implementation: Optional[str] = "sdpa"
+
+
+@dataclass
+class FullConfig:
+    name: str = "full"
+
+
+@dataclass
+class LoraConfig:
+    name: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+    init: str = "kaiming"  # kaiming | gaussian
+    targets: Any = field(default_factory=_targets)  # list of names, a regex string, or "all-linear"
+
+
+@dataclass
+class MoraConfig:
+    """MoRA: one square r̂×r̂ matrix per layer, r̂ = int(sqrt((k+d)·rank) + 0.5)."""
+
+    name: str = "mora"
+    rank: int = 8  # the LoRA rank whose parameter budget MoRA matches
+    type: str = "auto"  # 1 (sharing) | 6 (RoPE) | auto | 2, 3, 4 (ReMoRA internals)
+    dropout: float = 0.0
+    targets: Any = field(default_factory=_targets)
+    remora_every: int = 0  # ReMoRA: merge + reset + next type every N optimizer steps (0: off)
+    remora_cycle: int = 4  # 4: types 1→2→3→4→1…, 2: types 1↔2
+    remora_warmup: int = 50  # LR re-warmup steps after each ReMoRA merge
+    remora_reset_optimizer: bool = True
+
+
+@dataclass
+class VBLoraConfig:
+    """VB-LoRA: every A and B composed from one model-wide vector bank by top-k admixture."""
+
+    name: str = "vblora"
+    rank: int = 4
+    num_vectors: int = 256  # h: vectors in the bank
+    vector_length: int = 64  # b: must divide every adapted layer's in and out features
+    topk: int = 2
+    dropout: float = 0.0
+    init_logits_std: float = 0.01  # the paper's value (peft's default is 0.1)
+    init_bank_bound: float = 0.02
+    lr_bank: float = 1e-3
+    lr_logits: float = 1e-2
+    save_only_topk: bool = False  # store top-k indices and weights instead of full logits
+    targets: Any = field(default_factory=_targets)
+
+
+@dataclass
+class MemorizeConfig:
+    """UUID key → value memorization (the MoRA paper's task)."""
+
+    name: str = "memorize"
+    num_pairs: int = 64
+    max_length: int = 128
+    seed: int = 0  # data seed: the pairs depend on it only
+    eval_limit: Optional[int] = None  # evaluate on the first N pairs (None: all)
+    eval_batch_size: int = 32
+    max_new_tokens: int = 48
+
+
+class Schedule(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    schedule: Schedule = Schedule.linear
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    save_every: int = 0  # 0: no intermediate checkpoints
+    eval_every: int = 0  # 0: evaluate at the end only
+    log_every: int = 1
+    seed: int = 42
+    merge: bool = True  # write RUN_DIR/merged at the end
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+    overwrite: bool = False  # replace an existing finished run in output_dir
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None
+    task: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output_dir: Optional[str] = None
+
+
+# group -> option name -> schema; YAML files in conf/<group>/ extend these.
+SCHEMAS: Dict[str, Dict[str, type]] = {
+    "model": {"model": ModelConfig},
+    "method": {"full": FullConfig, "lora": LoraConfig, "mora": MoraConfig, "vblora": VBLoraConfig},
+    "task": {"memorize": MemorizeConfig},
+}
+
+SCHEMA_BY_NAME = {cls.__name__: cls for options in SCHEMAS.values() for cls in options.values()}
+SCHEMA_BY_NAME.update(Config=Config, TrainerConfig=TrainerConfig)
+
+_registered = False
+
+
+def register_schemas() -> None:
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+    _registered = True
+
+
+# --------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------
+
+CONFIG_MODULE = "finetune.conf"
+
+
+def _config_dirs(extra: Optional[str]) -> List[str]:
+    dirs = []
+    for d in [os.environ.get("FINETUNE_CONFIG_DIR"), extra]:
+        if d:
+            p = Path(d).expanduser().resolve()
+            if not p.is_dir():
+                raise UserError(f"--config-dir {d}: no such directory")
+            dirs.append(f"file://{p}")
+    return dirs
+
+
+def group_options(group: str, config_dir: Optional[str] = None) -> List[str]:
+    """The option names available for a config group (shipped YAML plus user config dirs)."""
+    from importlib.resources import files
+
+    names = {p.name[:-5] for p in files(CONFIG_MODULE).joinpath(group).iterdir() if p.name.endswith(".yaml")}
+    for d in _config_dirs(config_dir):
+        g = Path(d[len("file://"):]) / group
+        if g.is_dir():
+            names |= {p.stem for p in g.glob("*.yaml")}
+    return sorted(names)
+
+
+def compose(overrides: List[str] = (), config_dir: Optional[str] = None):
+    """Compose ``conf/config.yaml`` with ``overrides``; return a validated, resolved DictConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    register_schemas()
+    overrides = list(overrides)
+    searchpath = _config_dirs(config_dir)
+    if searchpath:
+        overrides.append(f"hydra.searchpath=[{','.join(searchpath)}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except Exception as e:  # hydra/omegaconf errors -> one line
+        raise UserError(explain_hydra_error(e, overrides, config_dir)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    OmegaConf.resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def explain_hydra_error(e: Exception, overrides: List[str], config_dir: Optional[str]) -> str:
+    """Turn a Hydra/OmegaConf composition error into one actionable line."""
+    msg = str(e).strip()
+    if e.__cause__ is not None:
+        msg += "\n" + str(e.__cause__).strip()
+    first = msg.splitlines()[0] if msg else type(e).__name__
+    full = re.search(r"full_key: (\S+)", msg)
+    m = re.search(r"Could not (?:find|load) '(\w+)/([^']+)'", msg)
+    if m and m.group(1) in GROUPS:
+        group, option = m.group(1), m.group(2)
+        return (f"{group}={option}: unknown option for group '{group}'; available: "
+                f"{', '.join(group_options(group, config_dir))}")
+    m = re.search(r"Key '([^']+)' (?:is )?not in (?:struct|'(\w+)')", msg)
+    if m:
+        return unknown_key_message(full.group(1) if full else m.group(1), SCHEMA_BY_NAME.get(m.group(2)))
+    m = re.search(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
+    if m:
+        return f"{full.group(1) if full else '?'}={m.group(1)}: not allowed; allowed: {m.group(2)}"
+    m = re.search(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
+    if m:
+        return f"{full.group(1) if full else '?'}={m.group(1)!r}: wrong type, expected {m.group(2).lower()}"
+    if type(e).__name__ == "OverrideParseException" or "mismatched input" in msg:
+        return f"cannot parse the overrides {' '.join(overrides)!r}: {first} (syntax: key=value, group=option)"
+    return first
+
+
+def unknown_key_message(key: str, schema: Optional[type]) -> str:
+    import difflib
+    from dataclasses import fields
+
+    hint = ""
+    if schema is not None:
+        names = [f.name for f in fields(schema)]
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint += f"allowed: {', '.join(names)}"
+    else:
+        hint = "`finetune config` prints every key"
+    return f"unknown config key '{key}'; {hint}"
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (values the type system cannot express)
+# --------------------------------------------------------------------------------------------
+
+
+def _positive(cfg, key: str, allow_zero: bool = False) -> None:
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"{key}={value}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_keys(cfg) -> None:
+    """Keys added with '+' or by a user's YAML must still exist in the option's schema."""
+    from dataclasses import fields
+
+    for group in ("method", "task"):
+        node = cfg[group]
+        schema = SCHEMAS[group].get(node.get("name"))
+        if schema is None:
+            raise UserError(f"{group}.name={node.get('name')!r}: unknown; available: "
+                            f"{', '.join(SCHEMAS[group])}")
+        allowed = {f.name for f in fields(schema)}
+        for key in node:
+            if key not in allowed:
+                raise UserError(unknown_key_message(f"{group}.{key}", schema))
+
+
+def validate(cfg) -> None:
+    """Check value ranges and cross-field rules; raise UserError with one line naming the key."""
+    for key in ["trainer.max_steps", "trainer.lr", "trainer.batch_size", "trainer.grad_accum",
+                "method.rank", "task.num_pairs", "task.max_length", "trainer.log_every",
+                "task.eval_batch_size", "task.max_new_tokens"]:
+        _positive(cfg, key)
+    for key in ["trainer.warmup_steps", "trainer.save_every", "trainer.eval_every",
+                "trainer.max_grad_norm", "trainer.weight_decay", "method.alpha"]:
+        _positive(cfg, key, allow_zero=True)
+    if cfg.method is None or cfg.task is None:
+        raise UserError("config needs a method and a task (e.g. method=lora task=memorize)")
+    _check_keys(cfg)
+    dropout = cfg.method.get("dropout")
+    if dropout is not None and not 0 <= dropout < 1:
+        raise UserError(f"method.dropout={dropout}: must be in [0, 1)")
+    if cfg.trainer.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"trainer.precision={cfg.trainer.precision}: allowed: auto, fp32, bf16, fp16")
+    if cfg.trainer.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"trainer.device={cfg.trainer.device}: allowed: auto, cpu, cuda")
+    m = cfg.model
+    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"model.dtype={m.dtype}: allowed: auto, float32, bfloat16, float16")
+    if m.quantize not in (None, "none", "4bit", "8bit"):
+        raise UserError(f"model.quantize={m.quantize}: allowed: 4bit, 8bit (or null)")
+    if m.init == Init.pretrained and not m.path:
+        raise UserError("model.path is empty: give a local model directory or a hub id")
+    if m.init == Init.random and not m.path and not m.arch:
+        raise UserError("model.init=random needs model.arch (config values) or model.path (a config to copy)")
+    if m.quantize in ("4bit", "8bit") and cfg.method.name == "full":
+        raise UserError(f"model.quantize={m.quantize} with method=full: a quantized base cannot be fully "
+                        "fine-tuned; use an adapter method (lora, mora, vblora)")
+    if m.tokenizer is None and m.init == Init.random and not m.path:
+        raise UserError("model.tokenizer is empty: a random-init model needs a tokenizer (e.g. bytes)")
+    if cfg.method.name != "full" and "targets" in cfg.method:
+        t = cfg.method.targets
+        if not (isinstance(t, str) or (hasattr(t, "__len__") and len(t) > 0)):
+            raise UserError("method.targets is empty: list module names (e.g. [q_proj,v_proj]), "
+                            "a regex string, or all-linear")
+
+
+def to_container(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def to_yaml(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(to_container(cfg)))
+
+
+def method_settings(cfg) -> dict:
+    """The method's keyword arguments for ``attach`` (its config minus ``name``)."""
+    settings = to_container(cfg.method)
+    settings.pop("name", None)
+    return settings

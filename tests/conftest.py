@@ -1,0 +1,40 @@
+"""Shared fixtures: the tiny random-init LLaMA model (no download) and its byte tokenizer."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config(**overrides):
+    """The `tiny` model group's config (conf/model/tiny.yaml), with overrides."""
+    from finetune.config import compose
+
+    return compose(["model=tiny", "method=lora", "task=memorize", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg():
+    return tiny_config().model
+
+
+@pytest.fixture
+def tiny_model(tiny_model_cfg):
+    """A fresh tiny LLaMA (2 layers, hidden 128, GQA k/v 128->64, MLP 384), seeded, fp32, eval mode."""
+    import torch
+
+    from finetune.models import load_model
+
+    torch.manual_seed(0)
+    return load_model(tiny_model_cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    from finetune.models import byte_tokenizer
+
+    return byte_tokenizer()
