@@ -87,6 +87,9 @@ class MoraConfig:
     remora_cycle: int = 4  # 4: types 1→2→3→4→1…, 2: types 1↔2
     remora_warmup: int = 50  # LR re-warmup steps after each ReMoRA merge
     remora_reset_optimizer: bool = True
+    # Per-layer types {module name: type}: written into saved adapters / checkpoints (ReMoRA changes
+    # them), so an adapter re-attaches with each layer's type. None: every layer uses `type`.
+    layer_types: Optional[Dict[str, int]] = None
 
 
 @dataclass

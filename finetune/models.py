@@ -135,6 +135,8 @@ def _converted_gguf(cfg) -> str:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(str(src_dir), gguf_file=cfg.gguf_file, dtype=torch.float32)
+    # The GGUF weights are already dequantized: drop the quantizer so they save as plain fp32.
+    model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
@@ -178,13 +180,13 @@ def source_dir(cfg) -> str:
     return resolve_path(cfg.path)
 
 
-def load_model(cfg, device_type: str = "cpu", base_dir: str | None = None):
+def load_model(cfg, device_type: str = "cpu", base_dir: str | None = None, dtype: str | None = None):
     """Build the base model of ``cfg``. ``base_dir`` overrides the weights' location (a run's saved
-    random-init base). Random init uses the current torch RNG state: seed before calling."""
-    import torch
+    random-init base); ``dtype`` overrides ``cfg.dtype``. Random init uses the current torch RNG
+    state: seed before calling."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch_dtype(cfg.dtype, device_type)
+    dtype = torch_dtype(dtype or cfg.dtype, device_type)
     if cfg.init == "random" and base_dir is None:
         arch = dict(cfg.arch)
         if cfg.path:

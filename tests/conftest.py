@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def tiny_config(**overrides):
+def tiny_config(*overrides):
     """The `tiny` model group's config (conf/model/tiny.yaml), with overrides."""
     from finetune.config import compose
 

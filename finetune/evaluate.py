@@ -1,0 +1,42 @@
+"""``finetune eval``: a task's metric on a finished run (base + adapter, unmerged) or on any model
+directory (e.g. a merged one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.errors import UserError
+from finetune.rundir import is_run, read_run, write_atomic
+
+MODEL_DIR_OVERRIDES = ["model.init=pretrained", "model.gguf_file=null", "model.tokenizer=null",
+                       "model.arch={}", "model.name=custom"]
+
+
+def evaluate_path(path: str | Path, overrides: list[str] = (), config_dir: str | None = None) -> dict:
+    import torch
+
+    from finetune.config import compose
+    from finetune.merge import load_run
+    from finetune.models import load_model, load_tokenizer
+    from finetune.tasks import build_task
+
+    path = Path(path).expanduser().resolve()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if is_run(path):
+        info = read_run(path)
+        cfg = compose(list(info.get("overrides", [])) + list(overrides),
+                      config_dir or info.get("config_dir"))
+        model, _, tokenizer, _ = load_run(path, device)
+    elif (path / "config.json").is_file():
+        cfg = compose(list(overrides) + [f"model.path={path}", *MODEL_DIR_OVERRIDES], config_dir)
+        model, tokenizer = load_model(cfg.model, device, dtype="float32"), load_tokenizer(cfg.model)
+    else:
+        raise UserError(f"{path}: neither a finetune run directory nor a model directory (config.json)")
+    model.to(device).eval()
+    task = build_task(cfg.task, tokenizer)
+    metrics = task.evaluate(model, device)
+    result = {"task": cfg.task.name, "metric": task.metric, "metrics": metrics, "path": str(path)}
+    if is_run(path):
+        write_atomic(path / "eval.json", json.dumps(result, indent=2) + "\n")
+    return result

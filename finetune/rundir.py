@@ -1,0 +1,113 @@
+"""The run directory: one folder per run with fixed file names, so later commands (merge, eval,
+export, report) find everything from the directory alone.
+
+    RUN_DIR/
+      config.yaml          the resolved config
+      run.json             status (running | finished | failed | interrupted), overrides, summary
+      metrics.jsonl        one JSON record per logged step / evaluation
+      adapter.safetensors  the trained weights (adapter tensors; all weights for method=full)
+      adapter.json         method, settings, base model
+      tokenizer/           the tokenizer (with its chat template)
+      base/                the base weights, only for random-init bases
+      checkpoints/         periodic checkpoints
+      merged/              the merged model (plain transformers directory)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from finetune.errors import UserError
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def default_output_dir(task: str, method: str) -> Path:
+    return Path("outputs") / task / method / time.strftime("%Y%m%d-%H%M%S")
+
+
+def is_run(path: Path) -> bool:
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def read_run(path: Path) -> dict:
+    path = Path(path)
+    if not is_run(path):
+        raise UserError(f"{path}: not a finetune run directory (no {RUN_FILE})")
+    return json.loads((path / RUN_FILE).read_text())
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser().resolve()
+
+    # fixed locations
+    @property
+    def merged(self) -> Path:
+        return self.path / "merged"
+
+    @property
+    def base(self) -> Path:
+        return self.path / "base"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def info(self) -> dict:
+        return read_run(self.path)
+
+    def update(self, **fields) -> dict:
+        info = self.info() if is_run(self.path) else {}
+        info.update(fields)
+        write_atomic(self.path / RUN_FILE, json.dumps(info, indent=2, default=str) + "\n")
+        return info
+
+    def log(self, record: dict) -> None:
+        with open(self.path / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+    def create(self, config_yaml: str, overrides: list[str], overwrite: bool, **info) -> None:
+        """Claim the directory for a new run. A finished run is never replaced unless
+        ``overwrite``; a directory with other content is refused."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise UserError(f"output_dir={p}: exists and is not a directory")
+        if is_run(p):
+            status = self.info().get("status")
+            if not overwrite:
+                hint = ("pass trainer.overwrite=true to replace it, or choose another output_dir"
+                        if status == "finished" else
+                        "resume it, pass trainer.overwrite=true to start over, or choose another output_dir")
+                raise UserError(f"output_dir={p} already holds a {status} run; {hint}")
+            self._clear()
+        elif p.is_dir() and any(p.iterdir()):
+            raise UserError(f"output_dir={p} is not empty and not a finetune run; choose another output_dir")
+        p.mkdir(parents=True, exist_ok=True)
+        write_atomic(p / CONFIG_FILE, config_yaml)
+        self.update(status="running", overrides=list(overrides), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    **info)
+
+    def _clear(self) -> None:
+        import shutil
+
+        for child in self.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
