@@ -229,6 +229,14 @@ class VBLoraLayer(AdapterLayer):
 # --------------------------------------------------------------------------------------------
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a Hugging Face model has activation (gradient) checkpointing switched on."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(model), attr, None), property):
+            return bool(getattr(model, attr))
+    return False
+
+
 class VBLoraAdapter(Adapter):
     """Model-level handle. Besides the :class:`Adapter` duties it runs TKAM for all layers at once:
     a forward pre-hook on the root model assembles every active layer's A and B in one batched
@@ -247,8 +255,7 @@ class VBLoraAdapter(Adapter):
 
     def _assemble_all(self, module, args) -> None:
         self._release()
-        if not self.batched or (getattr(self.model, "is_gradient_checkpointing", False)
-                                and torch.is_grad_enabled()):
+        if not self.batched or (_checkpointing(self.model) and torch.is_grad_enabled()):
             return
         active = [l for l in self.layers.values() if not (l.merged or l.disabled)]
         if len(active) < 2 or any(l.inference_only and l.training for l in active):
