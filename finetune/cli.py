@@ -30,11 +30,21 @@ def fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
+def quiet_library_loggers() -> None:
+    """Library chatter that users cannot act on stays out of the output (errors still show)."""
+    import logging
+    import os
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+
+
 def user_errors(fn):
     """Report UserError as one line on stderr with exit code 2; training failures with exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        quiet_library_loggers()
         try:
             return fn(*args, **kwargs)
         except UserError as e:

@@ -180,13 +180,15 @@ def source_dir(cfg) -> str:
     return resolve_path(cfg.path)
 
 
-def load_model(cfg, device_type: str = "cpu", base_dir: str | None = None, dtype: str | None = None):
+def load_model(cfg, device_type: str = "cpu", base_dir: str | None = None, dtype: str | None = None,
+               save_base: str | os.PathLike | None = None):
     """Build the base model of ``cfg``. ``base_dir`` overrides the weights' location (a run's saved
     random-init base); ``dtype`` overrides ``cfg.dtype``. Random init uses the current torch RNG
-    state: seed before calling."""
+    state: seed before calling. ``save_base`` (random init only): write the freshly drawn
+    full-precision weights there, before any quantization (a run's ``base/``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch_dtype(dtype or cfg.dtype, device_type)
+    torch_type = torch_dtype(dtype or cfg.dtype, device_type)
     if cfg.init == "random" and base_dir is None:
         arch = dict(cfg.arch)
         if cfg.path:
@@ -196,8 +198,21 @@ def load_model(cfg, device_type: str = "cpu", base_dir: str | None = None, dtype
         else:
             model_type = arch.pop("model_type", "llama")
             config = AutoConfig.for_model(model_type, **arch)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        return model
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_type)
+        if save_base is not None:
+            model.save_pretrained(save_base, safe_serialization=True)
+        if quantization_config(cfg) is None:
+            return model
+        # bitsandbytes quantizes while weights load: reload the fresh weights through the quantizer,
+        # exactly as a saved base (``base_dir``) is loaded later for merging.
+        import tempfile
+
+        if save_base is not None:
+            return load_model(cfg, device_type, base_dir=str(save_base), dtype=dtype)
+        with tempfile.TemporaryDirectory(prefix="finetune-base-") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            return load_model(cfg, device_type, base_dir=tmp, dtype=dtype)
+    dtype = torch_type
     path = base_dir or source_dir(cfg)
     _check_local(path, None)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)

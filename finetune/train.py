@@ -187,9 +187,10 @@ def _train(cfg, accelerator, run: RunDir, device: str, say, quiet: bool, tqdm, s
     if not examples:
         raise UserError(f"task {cfg.task.name}: no training examples")
 
-    model = load_model(cfg.model, device, dtype=base_dtype(cfg, device))
-    if main and cfg.model.init == "random":
-        model.save_pretrained(run.base, safe_serialization=True)
+    # A random-init base is saved in full precision (before any 4/8-bit quantization), so that a
+    # merge can re-quantize it exactly as here or use the original weights (`merge --base original`).
+    save_base = run.base if (main and cfg.model.init == "random") else None
+    model = load_model(cfg.model, device, dtype=base_dtype(cfg, device), save_base=save_base)
     base_params = count_params(model)
     adapter = adapters.attach(model, cfg.method.name, method_settings(cfg))
     params = adapter.summary(base_params)

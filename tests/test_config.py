@@ -100,3 +100,24 @@ def test_config_yaml_ships_inside_the_package():
 
     assert files("finetune.conf").joinpath("config.yaml").is_file()
     assert files("finetune.conf").joinpath("model", "tiny.yaml").is_file()
+
+
+def test_configs_are_found_from_an_installed_wheel(tmp_path):
+    """Build the wheel, unpack it elsewhere, and compose from it (not from the source tree)."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    str(root), "-w", str(tmp_path)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("finetune-*.whl"))
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("import finetune.config as c, sys\n"
+            f"assert c.__file__.startswith({str(site)!r}), c.__file__\n"
+            "cfg = c.compose(['model=tiny', 'method=lora'])\n"
+            "assert cfg.model.arch.hidden_size == 128 and cfg.method.rank == 8\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path,
+                   env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
