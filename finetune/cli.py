@@ -15,6 +15,7 @@ from typing import List, Optional
 import typer
 
 from finetune.errors import UserError
+from finetune.signals import RunInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Config-driven fine-tuning of causal language models: LoRA, MoRA, VB-LoRA, full.")
@@ -26,7 +27,10 @@ OVERRIDE_CTX = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def fail(message: str, code: int = 2):
-    typer.echo(f"finetune: error: {message}", err=True)
+    from finetune.launch import is_main_rank
+
+    if is_main_rank():  # in a multi-process run every rank fails alike; one of them reports
+        typer.echo(f"finetune: error: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -54,6 +58,8 @@ def user_errors(fn):
         except Exception as e:
             if type(e).__name__ == "TrainingError":
                 fail(str(e), 1)
+            if isinstance(e, RunInterrupted):  # stopped by a signal, checkpoint saved
+                fail(str(e), e.exit_code)
             raise
 
     return wrapper
@@ -62,16 +68,35 @@ def user_errors(fn):
 @app.command(context_settings=OVERRIDE_CTX)
 @user_errors
 def train(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] = CONFIG_DIR,
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")):
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
+          multirun: bool = typer.Option(False, "--multirun", "-m", help=(
+              "Sweep: run every combination of comma lists, range(...), choice(...), glob(...) one after "
+              "another, each in its own run directory under multirun/<timestamp> (or output_dir).")),
+          fail_fast: bool = typer.Option(False, "--fail-fast", help="Sweeps: stop at the first failed run.")):
     """Train: finetune train [model=...] [method=...] [task=...] [key=value ...]"""
+    from finetune import progress
     from finetune.config import compose
 
+    progress.set_quiet(quiet)
     overrides = list(overrides or [])
+    if multirun:
+        from finetune.sweep import run_sweep
+
+        summary = run_sweep(overrides, config_dir, quiet=quiet, fail_fast=fail_fast)
+        if summary["failed"]:
+            raise typer.Exit(1)
+        return
     cfg = compose(overrides, config_dir)
+    from finetune.launch import in_launched_process, is_main_rank
+
+    if cfg.launcher.name != "none" and not in_launched_process():
+        from finetune.launch import launch_training  # re-run this command in N processes
+
+        raise typer.Exit(launch_training(cfg, overrides, config_dir, quiet))
     from finetune.train import train as run_training
 
     result = run_training(cfg, overrides, quiet=quiet, config_dir=config_dir)
-    if quiet:
+    if quiet and is_main_rank():
         typer.echo(json.dumps({"run_dir": result["run_dir"], "metric": result["metric"],
                                "metrics": result["metrics"]}))
 
@@ -80,20 +105,29 @@ def train(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] 
 @user_errors
 def merge(run_dir: Path = typer.Argument(..., help="A finished run directory."),
           out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default RUN_DIR/merged)."),
-          dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")):
+          dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+          base: Optional[str] = typer.Option(
+              None, "--base", help="Quantized-base runs: dequantized (default: the 4/8-bit weights the "
+              "adapter was trained against, dequantized) | original (the full-precision weights)."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")):
     """Merge a run's adapter into its base model and write a plain Hugging Face model directory."""
+    from finetune import progress
     from finetune.merge import merge_run
 
-    merge_run(run_dir, out, dtype)
+    progress.set_quiet(quiet)
+    merge_run(run_dir, out, dtype, base=base, quiet=quiet)
 
 
 @app.command("eval", context_settings=OVERRIDE_CTX)
 @user_errors
 def evaluate(path: Path = typer.Argument(..., help="A run directory or a model directory."),
-             overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] = CONFIG_DIR):
+             overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] = CONFIG_DIR,
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (the JSON result only).")):
     """Evaluate the task metric on a run (adapted model) or on any model directory."""
+    from finetune import progress
     from finetune.evaluate import evaluate_path
 
+    progress.set_quiet(quiet)
     result = evaluate_path(path, list(overrides or []), config_dir)
     typer.echo(json.dumps(result, indent=2))
 
@@ -111,12 +145,65 @@ def config(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str]
 @user_errors
 def export(run_dir: Path = typer.Argument(..., help="A finished run directory."),
            format: str = typer.Option("peft", "--format", help="peft"),
-           out: Path = typer.Option(..., "--out", help="Output directory.")):
+           out: Path = typer.Option(..., "--out", help="Output directory."),
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="No messages.")):
     """Export a run's adapter in another format (peft adapter directory for LoRA and VB-LoRA)."""
+    from finetune import progress
     from finetune.export import export_run
 
+    progress.set_quiet(quiet)
     path = export_run(run_dir, format, out)
-    typer.echo(f"exported {format} adapter to {path}")
+    if not quiet:
+        typer.echo(f"exported {format} adapter to {path}")
+
+
+@app.command()
+@user_errors
+def report(dirs: List[Path] = typer.Argument(..., help="Run directories, or folders with runs below them "
+                                                        "(a sweep directory, outputs/)."),
+           out: Optional[Path] = typer.Option(None, "--out", help="Where report.csv, report.md and the PNG "
+                                                                  "plots go (default DIR/report, or ./report "
+                                                                  "for several DIRs)."),
+           no_plots: bool = typer.Option(False, "--no-plots", help="Tables only."),
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="Write the files, print nothing.")):
+    """Compare runs: one table as text, CSV and Markdown, plus PNG plots.
+
+    Columns: method, rank / bank size, trainable and stored parameters, steps, tokens/s, peak memory,
+    final loss, the task metric. Plots: loss curves, metric vs rank / bank size, metric vs stored
+    parameters."""
+    from finetune.report import table, write_report
+    from finetune.runs import display_path
+    from finetune.table import text_table
+
+    result = write_report(dirs, out, plots=not no_plots)
+    if not quiet:
+        typer.echo(text_table(*table(result["rows"])))
+        typer.echo(f"\nwrote {', '.join(display_path(f) for f in result['files'])}")
+
+
+@app.command("runs")
+@user_errors
+def list_runs(dirs: Optional[List[Path]] = typer.Argument(None, help="Folders to search (default: .)."),
+              as_json: bool = typer.Option(False, "--json", help="One JSON object per run, one per line."),
+              quiet: bool = typer.Option(False, "--quiet", "-q", help="Run directories only, one per line.")):
+    """List runs: status, method, task, progress, metric.
+
+    Status: finished, running, resumable (has a checkpoint), stale (its process died), failed,
+    interrupted."""
+    from finetune.runs import describe, find_runs, runs_table
+    from finetune.table import text_table
+
+    records = [describe(path) for path in find_runs(dirs or [Path(".")])]
+    if as_json:
+        for record in records:
+            typer.echo(json.dumps(record))
+    elif quiet:
+        for record in records:
+            typer.echo(record["run"])
+    elif not records:
+        typer.echo("no runs found")
+    else:
+        typer.echo(text_table(*runs_table(records)))
 
 
 def main() -> None:

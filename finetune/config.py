@@ -22,7 +22,7 @@ from finetune.errors import UserError
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-GROUPS = ("model", "method", "task")
+GROUPS = ("model", "method", "task", "launcher")
 
 
 def _targets():
@@ -72,6 +72,9 @@ class LoraConfig:
     dropout: float = 0.0
     init: str = "kaiming"  # kaiming | gaussian
     targets: Any = field(default_factory=_targets)  # list of names, a regex string, or "all-linear"
+    relora_every: int = 0  # ReLoRA: merge B·A into the base, re-init A, B = 0 every N optimizer steps (0: off)
+    relora_warmup: int = 50  # LR re-warmup steps after each ReLoRA merge
+    relora_reset_optimizer: bool = True  # drop the optimizer state of A and B at each merge
 
 
 @dataclass
@@ -123,6 +126,102 @@ class MemorizeConfig:
     max_new_tokens: int = 48
 
 
+class Overflow(str, Enum):
+    """What happens to an example longer than ``task.max_length``."""
+
+    truncate = "truncate"  # keep its first max_length tokens (the count is logged)
+    drop = "drop"  # leave it out (the count is logged)
+    error = "error"  # stop with a message naming the example
+
+
+@dataclass
+class DataSource:
+    """Where a task's records come from (finetune.sources): a local file or folder (json, jsonl,
+    parquet, csv, txt, md) or a Hugging Face Hub dataset id (network needed once; cached)."""
+
+    path: Optional[str] = None  # null: the task's default source
+    name: Optional[str] = None  # hub dataset configuration (e.g. main)
+    split: str = "train"  # hub split
+    revision: Optional[str] = None  # hub revision (a commit pins the data)
+    limit: Optional[int] = None  # the first N records only
+
+
+@dataclass
+class SequenceTaskConfig:
+    """Settings shared by the tasks that train on token sequences read from a data source."""
+
+    name: str = ""
+    data: DataSource = field(default_factory=DataSource)
+    max_length: int = 512  # tokens per example (per packed row with packing; per block for cpt)
+    on_overflow: Overflow = Overflow.truncate
+    packing: bool = False  # several examples per row; they never attend to each other
+    num_proc: Optional[int] = None  # processes for loading and tokenizing (big corpora)
+    eval_path: Optional[str] = None  # held-out data: a local file or hub id (null: eval_holdout)
+    eval_split: str = "test"  # hub split of eval_path
+    eval_holdout: int = 200  # without eval_path: the last N records (cpt: blocks) are held out
+    eval_limit: Optional[int] = None  # evaluate on the first N held-out examples (null: all)
+    eval_batch_size: int = 8
+
+
+class MathSource(str, Enum):
+    gsm8k = "gsm8k"  # records {question, answer}; answers end with "#### <number>"
+    metamath = "metamath"  # records {query, response}; responses end with "The answer is: <answer>"
+
+
+@dataclass
+class Gsm8kConfig(SequenceTaskConfig):
+    """GSM8K math word problems (experiments.md §6): Alpaca layout, loss on the answer + EOS;
+    metric: exact-match accuracy of the final number under greedy decoding."""
+
+    name: str = "gsm8k"
+    source: MathSource = MathSource.gsm8k  # the training data; null data.path: its hub dataset
+    eval_holdout: int = 500
+    eval_batch_size: int = 16
+    max_new_tokens: int = 512
+
+
+class ChatFormat(str, Enum):
+    auto = "auto"  # the tokenizer's chat template if it has one, else plain
+    tokenizer = "tokenizer"  # the tokenizer's chat template (an error if it has none)
+    plain = "plain"  # Alpaca layout for Alpaca records, <|role|> tags for chat records
+
+
+@dataclass
+class InstructConfig(SequenceTaskConfig):
+    """Instruction tuning on Alpaca records (instruction/input/output) or chat records
+    (messages); loss on assistant tokens only; metric: held-out loss and perplexity."""
+
+    name: str = "instruct"
+    template: ChatFormat = ChatFormat.auto
+
+
+@dataclass
+class CptConfig(SequenceTaskConfig):
+    """Continual pretraining on raw text: documents + EOS, concatenated, cut into max_length
+    blocks; metric: held-out perplexity. Null data.path: the Python docs (pydoc_data.topics)."""
+
+    name: str = "cpt"
+    text_field: str = "text"  # the text column of json/jsonl/parquet/csv records and hub datasets
+    eval_holdout: int = 32
+    # Base modules trained in full next to the adapter (names or a regex, as method.targets);
+    # they are saved with the run in RUN_DIR/base.
+    train_modules: Any = field(default_factory=list)
+
+
+def _pretrain_modules():
+    return ["embed_tokens", "norm", "input_layernorm", "post_attention_layernorm", "lm_head"]
+
+
+@dataclass
+class PretrainConfig(CptConfig):
+    """Pretraining a random-init model on a cpt-style corpus with an adapter method (ReMoRA with
+    method=mora method.remora_every=N, ReLoRA with method=lora method.relora_every=N); embeddings,
+    norms and lm_head train in full (MoRA paper, experiments.md §2.5)."""
+
+    name: str = "pretrain"
+    train_modules: Any = field(default_factory=_pretrain_modules)
+
+
 class Schedule(str, Enum):
     linear = "linear"
     cosine = "cosine"
@@ -145,9 +244,28 @@ class TrainerConfig:
     seed: int = 42
     merge: bool = True  # write RUN_DIR/merged at the end
     gradient_checkpointing: bool = False
+    # Cross-entropy over chunks of this many target tokens, so the full (tokens x vocabulary)
+    # logits never exist at once (forward and backward; same loss). 0: the plain loss.
+    loss_chunk: int = 1024
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
     overwrite: bool = False  # replace an existing finished run in output_dir
+    keep_checkpoints: int = 2  # the newest N checkpoints in RUN_DIR/checkpoints stay; 0 keeps all
+    resume: Optional[str] = None  # null | auto (continue output_dir if it can be) | a checkpoint or run dir
+
+
+@dataclass
+class LauncherConfig:
+    """Multi-process runs through Accelerate's launcher (finetune.launch). ``num_processes`` is the
+    total over all machines (Accelerate's meaning); null: every GPU of every machine."""
+
+    name: str = "none"  # none | ddp | fsdp | deepspeed
+    num_processes: Optional[int] = None
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: Optional[str] = None  # needed with num_machines > 1
+    main_process_port: Optional[int] = None  # null: a free port (one machine) or 29500
+    config_file: Optional[str] = None  # an Accelerate config file; null: conf/accelerate/<name>.yaml
 
 
 @dataclass
@@ -156,18 +274,22 @@ class Config:
     method: Any = None
     task: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     output_dir: Optional[str] = None
+    logger: str = "tensorboard"  # tensorboard | wandb (TensorBoard + W&B) | none (metrics.jsonl only)
 
 
 # group -> option name -> schema; YAML files in conf/<group>/ extend these.
 SCHEMAS: Dict[str, Dict[str, type]] = {
     "model": {"model": ModelConfig},
     "method": {"full": FullConfig, "lora": LoraConfig, "mora": MoraConfig, "vblora": VBLoraConfig},
-    "task": {"memorize": MemorizeConfig},
+    "task": {"memorize": MemorizeConfig, "gsm8k": Gsm8kConfig, "instruct": InstructConfig, "cpt": CptConfig,
+             "pretrain": PretrainConfig},
+    "launcher": {"launcher": LauncherConfig},
 }
 
 SCHEMA_BY_NAME = {cls.__name__: cls for options in SCHEMAS.values() for cls in options.values()}
-SCHEMA_BY_NAME.update(Config=Config, TrainerConfig=TrainerConfig)
+SCHEMA_BY_NAME.update(Config=Config, TrainerConfig=TrainerConfig, DataSource=DataSource)
 
 _registered = False
 
@@ -262,6 +384,10 @@ def explain_hydra_error(e: Exception, overrides: List[str], config_dir: Optional
     m = re.search(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
     if m:
         return f"{full.group(1) if full else '?'}={m.group(1)!r}: wrong type, expected {m.group(2).lower()}"
+    m = re.search(r"Ambiguous value for argument '([^']+)'", msg)
+    if m:
+        return (f"{m.group(1)}: a comma list is a sweep; run it with `finetune train -m ...` "
+                f"(or write a list value as key=[a,b])")
     if type(e).__name__ == "OverrideParseException" or "mismatched input" in msg:
         return f"cannot parse the overrides {' '.join(overrides)!r}: {first} (syntax: key=value, group=option)"
     return first
@@ -320,11 +446,18 @@ def validate(cfg) -> None:
                 "task.eval_batch_size", "task.max_new_tokens"]:
         _positive(cfg, key)
     for key in ["trainer.warmup_steps", "trainer.save_every", "trainer.eval_every",
-                "trainer.max_grad_norm", "trainer.weight_decay", "method.alpha"]:
+                "trainer.max_grad_norm", "trainer.weight_decay", "method.alpha", "trainer.loss_chunk"]:
         _positive(cfg, key, allow_zero=True)
     if cfg.method is None or cfg.task is None:
         raise UserError("config needs a method and a task (e.g. method=lora task=memorize)")
     _check_keys(cfg)
+    from finetune.tracking import check_logger
+
+    check_logger(cfg.get("logger", "tensorboard"))
+    _positive(cfg, "trainer.keep_checkpoints", allow_zero=True)
+    from finetune.launch import check_launcher
+
+    check_launcher(cfg)
     dropout = cfg.method.get("dropout")
     if dropout is not None and not 0 <= dropout < 1:
         raise UserError(f"method.dropout={dropout}: must be in [0, 1)")
@@ -346,11 +479,23 @@ def validate(cfg) -> None:
                         "fine-tuned; use an adapter method (lora, mora, vblora)")
     if m.tokenizer is None and m.init == Init.random and not m.path:
         raise UserError("model.tokenizer is empty: a random-init model needs a tokenizer (e.g. bytes)")
+    _validate_task(cfg)
     if cfg.method.name != "full" and "targets" in cfg.method:
         t = cfg.method.targets
         if not (isinstance(t, str) or (hasattr(t, "__len__") and len(t) > 0)):
             raise UserError("method.targets is empty: list module names (e.g. [q_proj,v_proj]), "
                             "a regex string, or all-linear")
+
+
+def _validate_task(cfg) -> None:
+    """Ranges of the data tasks' keys, and the pretrain task's need for a random-init model."""
+    for key in ["task.eval_limit", "task.num_proc", "task.data.limit"]:
+        _positive(cfg, key)
+    _positive(cfg, "task.eval_holdout", allow_zero=True)
+    if cfg.task.name == "pretrain" and cfg.model.init != Init.random:
+        raise UserError(f"task=pretrain trains a model from scratch, but model={cfg.model.name} is pretrained: "
+                        "set model.init=random (or pick model=smollm2-16m-random), or use task=cpt "
+                        "to continue pretraining it")
 
 
 def to_container(cfg) -> dict:

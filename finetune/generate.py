@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from finetune import progress
+
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[list[int]], device, max_new_tokens: int,
@@ -16,6 +18,7 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], device, max_new_
     eos = tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
+    bar = progress.bar(total=len(prompts), desc="eval", unit="prompt", leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -33,5 +36,7 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], device, max_new_
             if stop_at_eos and eos in new:
                 new = new[:new.index(eos)]
             results[i] = new
+        bar.update(len(idx))
+    bar.close()
     model.train(was_training)
     return results

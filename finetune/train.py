@@ -1,10 +1,13 @@
 """The training loop, top to bottom, on Hugging Face Accelerate (one CPU/GPU up to multi-node).
 
-    set-up:  run directory → seed → tokenizer + task data → base model → method attached
-             → AdamW (parameter groups from the method) → warmup + decay schedule
+    set-up:  run directory (decided once by the main process: new, or continued — finetune.resume)
+             → seed → tokenizer + task data → base model → method attached → AdamW (parameter
+             groups from the method) → warmup + decay schedule → checkpoint restored, if resuming
     loop:    per optimizer step, ``grad_accum`` micro-batches; the loss is the sum of token losses
              over the whole window (all micro-batches, all processes) divided by the window's
-             token count, so batch 8 × accumulation 1 == batch 1 × accumulation 8
+             token count, so batch 8 × accumulation 1 == batch 1 × accumulation 8;
+             every ``save_every`` steps a checkpoint (finetune.checkpoint); on SIGINT/SIGTERM a
+             checkpoint, then stop (finetune.signals)
     end:     evaluate the task metric → save adapter, tokenizer (and random-init base)
              → merged model → run.json says finished
 """
@@ -12,20 +15,24 @@
 from __future__ import annotations
 
 import math
-import resource
+import signal
 from contextlib import nullcontext
 import time
-from pathlib import Path
 
 import torch
 
-from finetune import adapters
+from finetune import adapters, checkpoint, progress, tracking
+from finetune.adapters.base import unfreeze_modules
 from finetune.config import method_settings, to_container, to_yaml
+from finetune.distributed import any_rank, broadcast_object, whole_parameters
+from finetune.resume import Start, abandon, open_run, resume_command
+from finetune.signals import RunInterrupted, StopSignals
+from finetune.environment import environment_info, peak_memory_mb, process_identity, reset_peak_memory
 from finetune.data import ExampleStream, collate, count_loss_tokens
 from finetune.errors import UserError
 from finetune.loss import causal_lm_loss_sum
 from finetune.models import load_model, load_tokenizer
-from finetune.rundir import RunDir, default_output_dir
+from finetune.rundir import RunDir
 from finetune.schedule import make_scheduler
 from finetune.tasks import build_task
 
@@ -70,8 +77,15 @@ def build_model(cfg, device: str, base_dir: str | None = None):
     return model, adapter
 
 
-def make_optimizer(adapter, trainer_cfg):
+def make_optimizer(adapter, trainer_cfg, full: dict | None = None):
+    """AdamW over the method's parameter groups, plus the base modules trained in full (``full``,
+    from ``unfreeze_modules``): matrices with the weight decay, vectors (norms, biases) without."""
     groups = adapter.param_groups(trainer_cfg.lr, trainer_cfg.weight_decay)
+    full = list((full or {}).values())
+    for name, params, decay in (("full_matrices", [p for p in full if p.dim() > 1], trainer_cfg.weight_decay),
+                                ("full_vectors", [p for p in full if p.dim() <= 1], 0.0)):
+        if params:
+            groups.append({"params": params, "lr": trainer_cfg.lr, "weight_decay": decay, "name": name})
     for g in groups:
         g.setdefault("lr", trainer_cfg.lr)
     return torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups],
@@ -83,44 +97,19 @@ def count_params(model) -> int:
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
+            state = getattr(p, "quant_state", None)  # bitsandbytes 4-bit: packed storage, count the matrix
+            total += math.prod(state.shape) if getattr(state, "shape", None) is not None else p.numel()
     return total
 
 
-def peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def environment_info(device: str) -> dict:
-    import platform
-
-    import transformers
-
-    info = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "device": device,
-            "cpu_threads": torch.get_num_threads()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        import subprocess
-
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5)
-        if commit.returncode == 0:
-            info["git_commit"] = commit.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> tuple[float, int]:
+def accumulate_gradients(model, micro_batches: list[dict], accelerator, loss_chunk: int = 0
+                         ) -> tuple[float, int]:
     """Forward and backward over one accumulation window (this process's micro-batches).
 
     Each micro-batch's summed token loss is divided by the token count of the *whole* window
     across all processes (times the process count, since DDP averages gradients), so the
     gradient is Σ token-loss gradients / Σ tokens however the window is split.
+    ``loss_chunk > 0``: the cross-entropy over chunks of that many tokens (finetune.loss).
     Returns (mean token loss over the window, input tokens processed by all processes)."""
     device = accelerator.device
     world = accelerator.num_processes
@@ -132,7 +121,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> tuple
         batch = {k: v.to(device) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
         with accelerator.no_sync(model) if (world > 1 and not last) else nullcontext():
-            loss_sum = causal_lm_loss_sum(model, batch)
+            loss_sum = causal_lm_loss_sum(model, batch, loss_chunk)
             accelerator.backward(loss_sum * world / max(window_tokens, 1))
         total += loss_sum.detach()
     loss = accelerator.reduce(total, reduction="sum").item() / max(window_tokens, 1)
@@ -145,38 +134,45 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> tuple
 
 
 def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str | None = None) -> dict:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     t = cfg.trainer
     device = device_type(t)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision(t, device))
+    # One run directory for all ranks, decided and written by the main process only.
+    start = open_run(cfg, PartialState(cpu=device == "cpu"), overrides, method=cfg.method.name,
+                     task=cfg.task.name, model=cfg.model.name, config_dir=config_dir, **process_identity())
+    run = start.run
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision(t, device),
+                              log_with=tracking.log_with(cfg, run.path))
     main = accelerator.is_main_process
-    run = RunDir(cfg.output_dir or default_output_dir(cfg.task.name, cfg.method.name))
-    if main:
-        run.create(to_yaml(cfg), overrides, t.overwrite, method=cfg.method.name, task=cfg.task.name,
-                   model=cfg.model.name, output_dir=str(run.path), config_dir=config_dir)
-    accelerator.wait_for_everyone()
     say = (lambda *a: print(*a, flush=True)) if (main and not quiet) else (lambda *a: None)
+    reset_peak_memory(device)
     start_time = time.time()
+    stop = StopSignals().install()
+    failure = None
     try:
-        summary = _train(cfg, accelerator, run, device, say, quiet, tqdm, set_seed)
-    except KeyboardInterrupt:
-        if main:
-            run.update(status="interrupted")
-        raise
+        tracking.start(accelerator, cfg, run.path)
+        run.observers.append(tracking.Recorder(accelerator))  # metrics.jsonl records → TensorBoard
+        with progress.quiet_if(quiet):
+            summary = _train(cfg, accelerator, run, device, say, quiet, tqdm, set_seed, start=start, stop=stop)
     except BaseException as e:
-        if main:
-            run.update(status="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        failure = e
         raise
+    finally:
+        stop.uninstall()
+        tracking.finish(accelerator)  # flush TensorBoard / W&B, also after a failure
+        if failure is not None and main:
+            abandon(start, failure)  # interrupted, failed, or (a mistake before training) removed
     summary["wall_time_s"] = time.time() - start_time
     if main:
         run.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **summary)
     return {"run_dir": str(run.path), **summary}
 
 
-def _train(cfg, accelerator, run: RunDir, device: str, say, quiet: bool, tqdm, set_seed) -> dict:
+def _train(cfg, accelerator, run: RunDir, device: str, say, quiet: bool, tqdm, set_seed,
+           start: Start | None = None, stop: StopSignals | None = None) -> dict:
     t = cfg.trainer
     main = accelerator.is_main_process
     set_seed(t.seed)
@@ -193,33 +189,52 @@ def _train(cfg, accelerator, run: RunDir, device: str, say, quiet: bool, tqdm, s
     model = load_model(cfg.model, device, dtype=base_dtype(cfg, device), save_base=save_base)
     base_params = count_params(model)
     adapter = adapters.attach(model, cfg.method.name, method_settings(cfg))
+    # Base modules the task trains in full next to the adapter (pretraining: embeddings, norms,
+    # lm_head); they are saved with the base in RUN_DIR/base at the end.
+    full = unfreeze_modules(model, getattr(task, "train_modules", None), adapter)
     params = adapter.summary(base_params)
     say(f"{cfg.method.name}: {params['trainable_params']:,} trainable / {params['stored_params']:,} stored "
         f"parameters ({params['trainable_pct_of_base']:.3f}% of the {base_params:,}-parameter base)")
+    if full:
+        params["fully_trained_params"] = sum(p.numel() for p in full.values())
+        say(f"trained in full: {params['fully_trained_params']:,} parameters of the base "
+            f"({len(full)} tensors: {', '.join(list(full)[:3])}{', ...' if len(full) > 3 else ''})")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    resumed = checkpoint.open_checkpoint(start.checkpoint) if start and start.checkpoint else None
+    if resumed:  # trained weights (ReMoRA: also its base weights and layer types) before wrapping
+        checkpoint.restore_weights(resumed, model, adapter)
 
-    optimizer = make_optimizer(adapter, t)
+    optimizer = make_optimizer(adapter, t, full)
     scheduler = make_scheduler(optimizer, t.schedule.value if hasattr(t.schedule, "value") else t.schedule,
                                t.warmup_steps, t.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    saver = checkpoint.Checkpointer(run.path, cfg, accelerator, model, adapter, optimizer, scheduler)
+    first_step, tokens_seen = 0, 0
+    if resumed:  # optimizer, LR schedule, RNG; the data position is the step number
+        checkpoint.restore_training(resumed, model, optimizer, scheduler, accelerator.process_index)
+        first_step, tokens_seen, saver.last = resumed.step, resumed.tokens_seen, resumed.path
+        say(f"resumed from {resumed.path} at step {first_step}")
 
     stream = ExampleStream(len(examples), t.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    trainable = [p for p in adapter.parameters() if p.requires_grad]
+    trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     world, rank = accelerator.num_processes, accelerator.process_index
-    tokens_seen = 0
-    bar = tqdm(total=t.max_steps, desc="train", disable=quiet or not main, dynamic_ncols=True)
+    bar = tqdm(total=t.max_steps, initial=first_step, desc="train", disable=quiet or not main,
+               dynamic_ncols=True)
     loss_value = float("nan")
-    for step in range(t.max_steps):
+    for step in range(first_step, t.max_steps):
         step_start = time.time()
         micro = [collate([examples[i] for i in idx], pad_id)
                  for idx in stream.micro_batches(step, t.batch_size, t.grad_accum, rank, world)]
-        loss_value, tokens_step = accumulate_gradients(model, micro, accelerator)
+        loss_value, tokens_step = accumulate_gradients(model, micro, accelerator, t.loss_chunk)
         if not math.isfinite(loss_value):
-            raise TrainingError(f"loss became {loss_value} at step {step + 1}; lower trainer.lr or check the data")
+            last_good = (f"; the last good checkpoint {saver.last} stays (continue from it with "
+                         "trainer.resume=auto)") if saver.last else ""
+            raise TrainingError(f"loss became {loss_value} at step {step + 1}; lower trainer.lr or check the "
+                                f"data{last_good}")
         grad_norm = None
         if t.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
@@ -243,16 +258,26 @@ def _train(cfg, accelerator, run: RunDir, device: str, say, quiet: bool, tqdm, s
                 run.log({"step": step + 1, "eval": metrics})
                 if not quiet:
                     bar.write(f"step {step + 1}: " + _fmt(metrics))
+        if t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == t.max_steps):
+            saver.save(step + 1, tokens_seen)
+        if stop is not None and any_rank(accelerator, stop.received is not None):
+            raise _interrupted(stop, saver.save(step + 1, tokens_seen), step + 1, start, main)
     bar.close()
+    if stop is not None:
+        stop.abort_on_next()  # from here on (evaluation, saving, merging) a signal stops at once
 
     metrics = _evaluate(task, accelerator, model, device)
     summary = {"final_loss": loss_value, "steps": t.max_steps, "tokens_seen": tokens_seen,
                "metric": task.metric, "metrics": metrics, "params": params,
                "peak_memory_mb": peak_memory_mb(device), "environment": environment_info(device)}
+    with whole_parameters(accelerator, model):  # FSDP / ZeRO-3: gather the shards to save them
+        if main:
+            adapters.save_adapter(adapter, run.path, meta={"base_model": to_container(cfg.model),
+                                                             "base_params": base_params})
+            if full or adapter.merges_into_base():  # ReMoRA/ReLoRA merges, fully trained modules
+                adapter.save_base(run.base)  # the base the adapter now belongs to (load_run prefers it)
     if main:
         run.log({"step": t.max_steps, "eval": metrics})
-        adapters.save_adapter(adapter, run.path, meta={"base_model": to_container(cfg.model),
-                                                         "base_params": base_params})
         tokenizer.save_pretrained(run.tokenizer)
         say(f"{task.metric} = {metrics[task.metric]:.4f}  ({_fmt(metrics)})")
         say(f"run directory: {run.path}")
@@ -266,15 +291,23 @@ def _train(cfg, accelerator, run: RunDir, device: str, say, quiet: bool, tqdm, s
     return summary
 
 
+def _interrupted(stop: StopSignals, path, step: int, start: Start | None, main: bool) -> RunInterrupted:
+    """The exception that ends a run stopped by a signal, once its checkpoint is written."""
+    sig = stop.received or signal.SIGTERM  # another rank may have received it
+    hint = f"; continue with: {resume_command(start.overrides, start.run_dir)}" if (main and start) else ""
+    return RunInterrupted(f"interrupted by {sig.name} after step {step}; checkpoint saved in {path}{hint}", sig)
+
+
 def _evaluate(task, accelerator, model, device) -> dict:
-    """Task metric on the main process's view of the model (identical weights on every rank)."""
+    """The task metric, the same on every rank. Every rank evaluates (with sharded parameters, FSDP
+    or ZeRO-3, each forward pass needs all ranks) and the main process's result is shared."""
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
     with accelerator.autocast():
         metrics = task.evaluate(unwrapped, accelerator.device)
     unwrapped.train(was_training)
-    return metrics
+    return broadcast_object(accelerator, metrics)
 
 
 def _fmt(metrics: dict) -> str:

@@ -38,3 +38,13 @@ def byte_tokenizer():
     from finetune.models import byte_tokenizer
 
     return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    """FINETUNE_CACHE in a temporary directory for the module's tests (tokenized-data cache and
+    the `datasets` cache of local files), so tests never read or fill the user's cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("finetune-cache")))
+    yield
+    patch.undo()

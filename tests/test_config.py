@@ -57,7 +57,11 @@ def test_method_configs_bind_to_attach_signatures():
 BAD = [
     (["method=foo"], "method=foo: unknown option for group 'method'; available: "),
     (["model=nope"], "model=nope: unknown option for group 'model'; available: "),
-    (["task=bogus"], "task=bogus: unknown option for group 'task'; available: memorize"),
+    (["task=bogus"], "task=bogus: unknown option for group 'task'; available: cpt, gsm8k, instruct, memorize, "
+                     "pretrain"),
+    (["task=gsm8k", "task.data.pth=x"], "unknown config key 'task.data.pth'; did you mean 'path'?"),
+    (["task=cpt", "task.on_overflow=cut"], "task.on_overflow=cut: not allowed; allowed: truncate, drop, error"),
+    (["task=pretrain", "model=smollm2-135m"], "task=pretrain trains a model from scratch"),
     (["method.rnak=4"], "unknown config key 'method.rnak'; did you mean 'rank'?"),
     (["trainer.lrr=1"], "unknown config key 'trainer.lrr'; did you mean 'lr'?"),
     (["+method.foo=1"], "unknown config key 'method.foo'"),

@@ -230,10 +230,44 @@ def inject(model: nn.Module, targets, make_layer: Callable[[str, nn.Module], Ada
         p.requires_grad_(False)
     layers = {}
     for name in find_targets(model, targets):
-        layer = make_layer(name, model.get_submodule(name))
+        module = model.get_submodule(name)
+        layer = make_layer(name, module)
+        layer.train(module.training)  # a new wrapper inherits the train/eval mode of what it wraps
         replace_module(model, name, layer)
         layers[name] = layer
     return layers
+
+
+def unfreeze_modules(model: nn.Module, names, adapter: "Adapter") -> dict[str, nn.Parameter]:
+    """Make the base modules matching ``names`` (the target rules: suffixes or a regex) train in
+    full next to the adapter — e.g. embeddings, norms and ``lm_head`` when pretraining (methods.md
+    §3). Returns their parameters by name (tied weights once), minus those the adapter trains
+    already (method=full). Modules inside adapter layers cannot be chosen: the adapter owns them."""
+    if not names:
+        return {}
+    names = names if isinstance(names, str) else list(names)
+    owned = {id(p) for p in adapter.parameters()}
+    wrapped = {id(p) for layer in adapter.layers.values() for p in layer.root_layer().parameters()}
+    found: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    matched = False
+    for name, module in model.named_modules():
+        if not name or not matches_target(name, names):
+            continue
+        matched = True
+        for pname, p in module.named_parameters():
+            if id(p) in seen or id(p) in owned:
+                continue
+            if id(p) in wrapped:
+                raise UserError(f"task.train_modules: {name} holds layers the method adapts; a layer trains "
+                                "either in full or through the adapter, not both")
+            seen.add(id(p))
+            p.requires_grad_(True)
+            found[f"{name}.{pname}"] = p
+    if not matched:
+        raise UserError(f"task.train_modules={names!r} matches no module of the model; e.g. embed_tokens, "
+                        "norm, input_layernorm, post_attention_layernorm, lm_head")
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +333,31 @@ class Adapter:
                                 f"the model expects {tuple(p.shape)}")
             p.copy_(state[k].to(p.dtype))
 
+    BASE_WEIGHT_KEY = "::base_weight"
+
+    def training_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a training checkpoint (finetune.checkpoint) stores to continue the run exactly: the
+        adapter tensors and, when training merges into the base (:meth:`merges_into_base`), the
+        current base weight of every adapted layer (``<layer>::base_weight``)."""
+        state = dict(self.state_dict())
+        if self.merges_into_base():
+            for name, layer in self.layers.items():
+                state[name + self.BASE_WEIGHT_KEY] = layer.root_layer().weight.detach()
+        return state
+
+    @torch.no_grad()
+    def load_training_state_dict(self, state: dict[str, torch.Tensor], settings: dict) -> None:
+        """Restore :meth:`training_state_dict`; ``settings`` are the adapter settings saved with it
+        (subclasses restore what they keep there, e.g. MoRA's per-layer types)."""
+        state = dict(state)
+        for key in [k for k in state if k.endswith(self.BASE_WEIGHT_KEY)]:
+            name = key[: -len(self.BASE_WEIGHT_KEY)]
+            if name not in self.layers:
+                raise UserError(f"checkpoint base weight {name} is not an adapted layer of this model")
+            weight = self.layers[name].root_layer().weight
+            weight.copy_(state.pop(key).to(weight.dtype))
+        self.load_state_dict(state)
+
     # -- switching ----------------------------------------------------------------------------
     def merge(self) -> None:
         for layer in self.layers.values():
@@ -320,6 +379,26 @@ class Adapter:
     # -- training hooks -----------------------------------------------------------------------
     def on_optimizer_step(self, step: int, optimizer, scheduler) -> None:
         """Called after every optimizer step (ReMoRA/ReLoRA use it). No-op by default."""
+
+    def merges_into_base(self) -> bool:
+        """Whether training writes into the base weights (ReMoRA/ReLoRA merges). The run must then
+        save its base (:meth:`save_base`): the adapter alone no longer describes the model."""
+        return False
+
+    def save_base(self, directory) -> None:
+        """Write the base model alone as a Hugging Face directory: adapter layers swapped out for
+        their base layers and shared adapter tensors left out, so ``from_pretrained`` loads it and
+        the saved adapter re-attaches to it (RUN_DIR/base after training changed the base)."""
+        if any(layer.merged for layer in self.layers.values()):
+            raise RuntimeError("save_base needs unmerged adapter layers (W0 without ΔW)")
+        for name, layer in self.layers.items():
+            replace_module(self.model, name, layer.base_layer)
+        try:
+            state = {k: v for k, v in self.model.state_dict().items() if k not in self.shared}
+            self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        finally:
+            for name, layer in self.layers.items():
+                replace_module(self.model, name, layer)
 
     def summary(self, base_params: int) -> dict:
         stored = self.num_stored()

@@ -340,6 +340,18 @@ class MoraAdapter(Adapter):
     def layer_types(self) -> dict[str, int]:
         return {name: layer.mora_type for name, layer in self.layers.items()}
 
+    def merges_into_base(self) -> bool:
+        return int(self.settings.get("remora_every") or 0) > 0
+
+    def load_training_state_dict(self, state: dict[str, torch.Tensor], settings: dict) -> None:
+        """A ReMoRA checkpoint: each layer's type at save time first, then base weights and M."""
+        for name, mora_type in (settings.get("layer_types") or {}).items():
+            if name not in self.layers:
+                raise UserError(f"checkpoint layer_types names {name}, which is not adapted here")
+            self.layers[name].set_type(int(mora_type))
+        self.settings["layer_types"] = self.layer_types()
+        super().load_training_state_dict(state, settings)
+
     def on_optimizer_step(self, step: int, optimizer, scheduler) -> None:
         """ReMoRA trigger (§3): after the optimizer step that makes ``step`` (optimizer steps done,
         not micro-batches) a positive multiple of ``remora_every``. Works whether the scheduler has
@@ -379,8 +391,8 @@ def restart_schedule(scheduler, step: int, warmup: int) -> None:
     if not lambdas or not all(hasattr(f, "restart") for f in lambdas):
         raise TypeError("ReMoRA needs a LambdaLR over finetune.schedule.WarmupDecay "
                         f"(got {type(scheduler).__name__})")
-    for f in lambdas:
-        f.restart(step, warmup)
+    for f in {id(f): f for f in lambdas}.values():  # LambdaLR shares one callable across groups:
+        f.restart(step, warmup)                      # restart each schedule once
     lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr

@@ -84,10 +84,20 @@ _INDEX_BYTES_AS_FP32 = {torch.uint8: 0.25, torch.int16: 0.5, torch.int32: 1.0, t
 @torch.no_grad()
 def encode_topk(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Full logits ``(..., h)`` → (indices ``(..., κ)`` sorted by descending logit, weights
-    ``(..., κ−1)``: the softmax of the top-κ logits with the last, smallest weight dropped)."""
+    ``(..., κ−1)``: the softmax of the top-κ logits with the last, smallest weight dropped).
+
+    Weights are stored in the logits dtype, at least fp32. Every weight is kept ≥ 4κ·eps of that
+    dtype (renormalised), so that the implied last weight ``1 − Σ`` stays > 0 also when a loader
+    sums in the stored dtype: after long training a logit gap > ~15 would otherwise round it to 0
+    or below (``log`` → −inf or NaN). This moves ΔW by at most ~1e-6 relative, only there."""
     values, indices = logits.topk(topk, dim=-1)
-    weights = torch.softmax(values.float(), dim=-1).to(logits.dtype)[..., :-1]
-    return indices.to(index_dtype(logits.shape[-1])).contiguous(), weights.contiguous()
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    weights = torch.softmax(values.double(), dim=-1)
+    if topk > 1:
+        weights = weights.clamp_min(4 * topk * torch.finfo(dtype).eps)
+        weights = weights / weights.sum(-1, keepdim=True)
+    stored = weights[..., :-1].to(dtype)
+    return indices.to(index_dtype(logits.shape[-1])).contiguous(), stored.contiguous()
 
 
 def check_topk(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int, name: str = "") -> None:
@@ -107,7 +117,8 @@ def check_topk(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int, n
         if (s[..., 1:] == s[..., :-1]).any():
             raise UserError(f"{what}repeated indices within a sub-vector")
     full = torch.cat([weights.double(), 1 - weights.double().sum(-1, keepdim=True)], dim=-1)
-    if not (full > 0).all():
+    implied_as_stored = 1 - weights.sum(-1)  # what a loader summing in the stored dtype sees
+    if not ((full > 0).all() and (implied_as_stored > 0).all()):
         raise UserError(f"{what}mixture weights must all be > 0 (the implied last one included)")
 
 
@@ -121,6 +132,24 @@ def decode_topk(indices: torch.Tensor, weights: torch.Tensor, num_vectors: int,
                         device=indices.device)
     logits.scatter_(-1, indices.long(), full.log())
     return logits.to(dtype)
+
+
+def assemble_factors(sub_a: torch.Tensor, sub_b: torch.Tensor, rank: int, k: int, d: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-vectors → factors (§4.3): ``(r, k/b, b)`` → A ``(r, k)``; ``(d/b, r, b)`` → swap the last
+    two axes → B ``(d, r)``. Inputs may also be the same rows flattened to ``(n, b)``."""
+    b = sub_a.shape[-1]
+    A = sub_a.reshape(rank, k)
+    B = sub_b.reshape(d // b, rank, b).transpose(1, 2).reshape(d, rank)
+    return A, B
+
+
+def factors_from_logits(logits_a: torch.Tensor, logits_b: torch.Tensor, bank: torch.Tensor, topk: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of one layer from its logits and the bank (shapes from the peft layout)."""
+    rank, b = logits_a.shape[0], bank.shape[1]
+    k, d = logits_a.shape[1] * b, logits_b.shape[0] * b
+    return assemble_factors(tkam(logits_a, bank, topk), tkam(logits_b, bank, topk), rank, k, d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,13 +232,7 @@ class VBLoraLayer(AdapterLayer):
                              tkam(self.vblora_logits_B, bank, self.topk))
 
     def assemble(self, sub_a: torch.Tensor, sub_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sub-vectors → factors: ``(r, k/b, b)`` → A ``(r, k)``; ``(d/b, r, b)`` → swap the last two
-        axes → B ``(d, r)`` (§4.3). Inputs may be flat ``(n, b)`` rows in the same order."""
-        b = self.vector_length
-        A = sub_a.reshape(self.rank, self.in_features)
-        B = sub_b.reshape(self.out_features // b, self.rank, b).transpose(1, 2).reshape(self.out_features,
-                                                                                        self.rank)
-        return A, B
+        return assemble_factors(sub_a, sub_b, self.rank, self.in_features, self.out_features)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         if self.inference_only and self.training:
@@ -248,7 +271,7 @@ class VBLoraAdapter(Adapter):
     method = "vblora"
 
     def __init__(self, model: nn.Module, layers: dict[str, VBLoraLayer], settings: dict):
-        super().__init__(model, layers, settings)
+        super().__init__(model, layers, settings, shared={BANK_ATTR: getattr(model, BANK_ATTR)})
         self.batched = True  # batched TKAM per root forward (set False to force the per-layer path)
         self._hooks = [model.register_forward_pre_hook(self._assemble_all),
                        model.register_forward_hook(self._release, always_call=True)]

@@ -2,8 +2,12 @@
 model with its metric. Each task lives in ``finetune/tasks/<name>.py`` and defines ``Task``:
 
     task = Task(cfg.task, tokenizer)
-    task.train_examples()       -> list of {"input_ids": [...], "labels": [...]} (labels -100 = no loss)
+    task.train_examples()       -> a sequence of {"input_ids": [...], "labels": [...]} (labels -100 =
+                                   no loss; packed rows add "position_ids", restarting per example)
     task.evaluate(model, device) -> dict of metrics; task.metric names the primary one
+    task.train_modules           (optional) base modules to train in full next to the adapter
+
+Building a task is cheap; data is read and tokenized (and cached) when first asked for.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import importlib
 
 from finetune.errors import UserError
 
-TASKS = ("memorize",)
+TASKS = ("memorize", "gsm8k", "instruct", "cpt", "pretrain")
 
 
 def build_task(task_cfg, tokenizer):

@@ -1,0 +1,195 @@
+"""Multi-process training through Hugging Face Accelerate's launcher.
+
+``finetune train launcher=ddp launcher.num_processes=4 ...`` does not train in the process the user
+started: it checks the config and the run directory, decides the run directory, and hands
+``python -m finetune train <the same overrides>`` to Accelerate's launcher (``accelerate launch``,
+which runs torchrun), with an Accelerate config file from ``conf/accelerate/`` (or
+``launcher.config_file``). Every process it starts trains; the main one writes the run directory.
+
+A process started by a launcher (torchrun's ``LOCAL_RANK`` is set) never launches again, so
+``accelerate launch -m finetune train ...`` and ``torchrun -m finetune train ...`` work as well.
+
+This module imports no torch at import time (``finetune config`` validates launcher settings).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+from finetune.errors import UserError
+
+LAUNCHERS = ("none", "ddp", "fsdp", "deepspeed")
+ACCELERATE_CONFIGS = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "deepspeed": "deepspeed-zero3.yaml"}
+MULTI_NODE_PORT = 29500
+
+
+def in_launched_process() -> bool:
+    """True in a process started by torchrun / accelerate launch (one of several ranks)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (at compose time)
+# --------------------------------------------------------------------------------------------
+
+
+def check_launcher(cfg) -> None:
+    """The launcher settings alone and with the trainer's; one line naming the key."""
+    l = cfg.launcher
+    if l.name not in LAUNCHERS:
+        raise UserError(f"launcher.name={l.name!r}: allowed: {', '.join(LAUNCHERS)}")
+    if l.num_processes is not None and l.num_processes < 1:
+        raise UserError(f"launcher.num_processes={l.num_processes}: must be >= 1 (or null: one per GPU)")
+    if l.num_machines < 1:
+        raise UserError(f"launcher.num_machines={l.num_machines}: must be >= 1")
+    if not 0 <= l.machine_rank < l.num_machines:
+        raise UserError(f"launcher.machine_rank={l.machine_rank}: must be in [0, {l.num_machines - 1}] "
+                        f"(launcher.num_machines={l.num_machines})")
+    if l.main_process_port is not None and not 1 <= l.main_process_port <= 65535:
+        raise UserError(f"launcher.main_process_port={l.main_process_port}: must be a port in [1, 65535]")
+    if l.name == "none":
+        if (l.num_processes or 1) > 1 or l.num_machines > 1:
+            raise UserError(f"launcher.num_processes={l.num_processes} needs a launcher: add launcher=ddp "
+                            "(or fsdp, deepspeed)")
+        return
+    if l.num_machines > 1 and not l.main_process_ip:
+        raise UserError(f"launcher.num_machines={l.num_machines}: set launcher.main_process_ip to the address "
+                        "of the machine with launcher.machine_rank=0")
+    if l.num_machines > 1 and not cfg.output_dir:
+        raise UserError(f"launcher.num_machines={l.num_machines}: set output_dir to a directory on storage "
+                        "every machine shares (the run directory is written once, by the main process)")
+    if l.num_processes is not None and l.num_processes % l.num_machines:
+        raise UserError(f"launcher.num_processes={l.num_processes}: must be a multiple of "
+                        f"launcher.num_machines={l.num_machines} (it counts the processes of all machines)")
+    if l.config_file and not Path(l.config_file).expanduser().is_file():
+        raise UserError(f"launcher.config_file={l.config_file}: no such file")
+    if l.name == "deepspeed" and cfg.trainer.grad_accum > 1:
+        raise UserError(f"trainer.grad_accum={cfg.trainer.grad_accum} with launcher=deepspeed: DeepSpeed's engine "
+                        "steps after every backward here; use trainer.grad_accum=1 and a larger "
+                        "trainer.batch_size or more processes")
+    if l.name == "deepspeed" and (cfg.trainer.save_every or cfg.trainer.resume):
+        raise UserError("trainer.save_every / trainer.resume with launcher=deepspeed: checkpoints of "
+                        "DeepSpeed's partitioned optimizer are not supported; use launcher=fsdp or ddp")
+
+
+# --------------------------------------------------------------------------------------------
+# The launch
+# --------------------------------------------------------------------------------------------
+
+
+def config_file(launcher) -> str:
+    if launcher.config_file:
+        return str(Path(launcher.config_file).expanduser().resolve())
+    from importlib.resources import files
+
+    return str(files("finetune.conf").joinpath("accelerate", ACCELERATE_CONFIGS[launcher.name]))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plan_processes(cfg, device: str, gpus: int) -> int:
+    """The total number of processes; checks what this machine can run."""
+    l = cfg.launcher
+    if l.name in ("fsdp", "deepspeed") and device != "cuda":
+        raise UserError(f"launcher={l.name} needs CUDA GPUs (Accelerate runs FSDP and DeepSpeed on GPUs only; "
+                        "on the CPU it would quietly fall back to plain data parallel); use launcher=ddp")
+    if l.name == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("launcher=deepspeed needs the deepspeed package: pip install deepspeed")
+    if l.num_processes is None:
+        if device != "cuda":
+            raise UserError(f"launcher={l.name} on the CPU: set launcher.num_processes (no GPUs to count)")
+        return gpus * l.num_machines
+    per_machine = l.num_processes // l.num_machines
+    if device == "cuda" and per_machine > gpus:
+        raise UserError(f"launcher.num_processes={l.num_processes}: {per_machine} per machine, but this machine "
+                        f"has {gpus} GPU(s); one process per GPU")
+    return l.num_processes
+
+
+def accelerate_args(cfg, num_processes: int, port: int, precision: str, script_args: list[str]) -> list[str]:
+    """``accelerate launch`` arguments that run ``python -m finetune <script_args>``."""
+    l = cfg.launcher
+    args = ["--config_file", config_file(l), "--num_processes", str(num_processes),
+            "--num_machines", str(l.num_machines), "--machine_rank", str(l.machine_rank),
+            "--main_process_port", str(port), "--mixed_precision", precision, "--dynamo_backend", "no"]
+    if l.main_process_ip:
+        args += ["--main_process_ip", l.main_process_ip]
+    return args + ["-m", "finetune", *script_args]
+
+
+def child_args(overrides: list[str], config_dir: str | None, quiet: bool) -> list[str]:
+    return ["train", *overrides, *(["--config-dir", config_dir] if config_dir else []), *(["-q"] if quiet else [])]
+
+
+def launch_training(cfg, overrides: list[str], config_dir: str | None = None, quiet: bool = False) -> int:
+    """Start the run's processes on this machine through Accelerate; wait; return the exit code
+    (that of the first process that failed, else 0)."""
+    import torch
+
+    from finetune.resume import RUN_DIR_ENV, decide_output_dir, plan
+    from finetune.train import device_type, mixed_precision
+
+    device = device_type(cfg.trainer)
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    n = plan_processes(cfg, device, gpus)
+    env = {}
+    if cfg.launcher.machine_rank == 0:
+        run_dir = decide_output_dir(cfg)
+        plan(cfg, run_dir, n)  # refuse here, before any process starts (a finished run, ...)
+        env[RUN_DIR_ENV] = str(run_dir)
+    port = cfg.launcher.main_process_port or (MULTI_NODE_PORT if cfg.launcher.num_machines > 1 else free_port())
+    per_machine = max(1, n // cfg.launcher.num_machines)
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // per_machine))
+    args = accelerate_args(cfg, n, port, mixed_precision(cfg.trainer, device),
+                           child_args(overrides, config_dir, quiet))
+    return run_accelerate(args, env)
+
+
+def run_accelerate(args: list[str], env: dict[str, str]) -> int:
+    """Accelerate's launcher in this process, with its failure report reduced to the exit code
+    (the failing process has printed its own one-line error)."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    for name in ("torch.distributed.elastic", "torch.distributed.run", "accelerate"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        launch_command(launch_command_parser().parse_args(args))
+        return 0
+    except Exception as e:  # torchrun's ChildFailedError, or the simple launcher's CalledProcessError
+        return _exit_code(e)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _exit_code(error: Exception) -> int:
+    signum = getattr(error, "sigval", None)  # torchrun's SignalException: the launcher got a signal
+    if signum is not None:
+        return 128 + int(signum)
+    failures = getattr(error, "failures", None)
+    if failures:
+        first = min(failures.values(), key=lambda f: getattr(f, "timestamp", 0))
+        code = getattr(first, "exitcode", 1)
+        return code if isinstance(code, int) and code > 0 else 128 + abs(code or 1)
+    code = getattr(error, "returncode", 1)
+    return code if isinstance(code, int) and code > 0 else 1

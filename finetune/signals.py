@@ -1,0 +1,53 @@
+"""SIGINT / SIGTERM during training: finish the current optimizer step, save a checkpoint, stop.
+
+:class:`StopSignals` turns the first SIGINT or SIGTERM into a request that the training loop sees at
+the next step boundary (every rank agrees on it, see ``finetune.distributed.any_rank``); a second
+signal aborts at once. :class:`RunInterrupted` is what the loop raises after saving: the CLI prints
+its one-line message (where the checkpoint is, how to resume) and exits with 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunInterrupted(Exception):
+    """The run stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class StopSignals:
+    """Install with ``install()``, remove with ``uninstall()``; ``received`` is the first signal
+    (a ``signal.Signals``) or None. Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self._previous: dict = {}
+        self._abort = False
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in HANDLED:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def abort_on_next(self) -> None:
+        """From now on a signal stops at once (KeyboardInterrupt): no step boundary is coming."""
+        self._abort = True
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None or self._abort:  # a second signal, or past the loop: stop now
+            self.received = self.received or signal.Signals(signum)
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum)

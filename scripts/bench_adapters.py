@@ -1,0 +1,329 @@
+#!/usr/bin/env python
+"""Adapter overhead benchmark: training-step time of each method relative to the frozen base.
+
+On one base model (default: the embedded SmolLM2-135M, loaded through ``finetune.models``), in one
+process, this times one training step — forward, backward, optimizer step — of:
+
+    base         the frozen base model, forward + backward only (input embeddings made to require
+                 grad, so the backward runs through every layer as it must for any adapter; no
+                 weight gradients, no optimizer): the denominator of every ratio
+    lora         finetune's LoRA, r=8, alpha=16, on all 7 projections
+    mora         finetune's MoRA, r=8 (type auto -> 6), on all 7 projections
+    vblora       finetune's VB-LoRA with its defaults (r=4, 256 vectors of length 64, top-2)
+    peft-lora    peft's LoRA with the same settings as ``lora`` (if peft is installed)
+    peft-vblora  peft's VB-LoRA with the same settings as ``vblora`` (if peft is installed)
+
+Every variant is a separate copy of the same base weights. After ``--warmup`` untimed steps per
+variant, ``--reps`` rounds run; each round times one step of every variant, in an order rotated
+from round to round (interleaving: a slow period of the machine hits all variants alike). The
+reported ratio of a variant is the median over rounds of (its step time / the base's step time in
+the same round); the median step times are reported too. Inputs are fixed random token ids
+(``--batch`` x ``--seq``), labels = inputs, the model's own causal-LM loss, fp32.
+
+    python scripts/bench_adapters.py                       # CPU, all threads torch picks
+    python scripts/bench_adapters.py --threads 2 --reps 20 --out bench.json --markdown bench.md
+    python scripts/bench_adapters.py --device cuda
+
+Results vary with the machine's load: run it on a quiet machine for numbers worth quoting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+OUR_METHODS = ("lora", "mora", "vblora")
+PEFT_METHODS = ("peft-lora", "peft-vblora")
+ALL_VARIANTS = ("base", *OUR_METHODS, *PEFT_METHODS)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GOALS = {"lora": 1.08, "mora": 1.10, "vblora": 1.10}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="a `model` config option (default: smollm2-135m)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--reps", type=int, default=10, help="timed rounds (one step of every variant each)")
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS),
+                   help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (base is always run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_adapters.json", help="JSON results file")
+    p.add_argument("--markdown", default=None, help="also write the Markdown table to this file")
+    args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(ALL_VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; allowed: {', '.join(ALL_VARIANTS)}")
+    args.variants = ["base"] + [v for v in ALL_VARIANTS[1:] if v in variants]
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware
+# --------------------------------------------------------------------------------------------
+
+
+def hardware(device: str) -> dict:
+    import torch
+
+    info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        info["affinity_cpus"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------
+
+
+def method_settings(method: str) -> dict:
+    """The method's settings from the project's config groups, with the benchmark's overrides."""
+    from finetune.config import compose, method_settings as settings_of
+
+    overrides = {"lora": ["method.rank=8", "method.alpha=16", "method.dropout=0.0"],
+                 "mora": ["method.rank=8", "method.dropout=0.0"],
+                 "vblora": ["method.dropout=0.0"]}[method]
+    cfg = compose([f"method={method}", "task=memorize", *overrides])
+    settings = settings_of(cfg)
+    settings["targets"] = list(TARGETS)
+    return settings
+
+
+def load_base(model_name: str, device: str):
+    import torch
+
+    from finetune.config import compose
+    from finetune.models import load_model
+
+    cfg = compose([f"model={model_name}", "method=lora", "task=memorize"])
+    torch.manual_seed(0)
+    model = load_model(cfg.model, device, dtype="float32")
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def build_variant(name: str, base, device: str):
+    """(model, optimizer or None, description)."""
+    import torch
+
+    from finetune import adapters
+    from finetune.train import make_optimizer
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(1)
+    if name == "base":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()  # backward through every layer, no weight gradients
+        return model.train(), None, "frozen base: forward + backward (input grads only)"
+    if name in OUR_METHODS:
+        settings = method_settings(name)
+        adapter = adapters.attach(model, name, settings)
+        trainer = argparse.Namespace(lr=1e-4, weight_decay=0.0)
+        optimizer = make_optimizer(adapter, trainer)
+        keys = ("rank", "alpha", "type", "num_vectors", "vector_length", "topk")
+        desc = ", ".join(f"{k}={settings[k]}" for k in keys if k in settings)
+        return model.train(), optimizer, f"finetune {name} ({desc})"
+    import peft
+
+    if name == "peft-lora":
+        s = method_settings("lora")
+        config = peft.LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=0.0, target_modules=TARGETS)
+        desc = f"peft {peft.__version__} LoRA (rank={s['rank']}, alpha={s['alpha']})"
+    else:
+        s = method_settings("vblora")
+        config = peft.VBLoRAConfig(r=s["rank"], num_vectors=s["num_vectors"], vector_length=s["vector_length"],
+                                   topk=s["topk"], vblora_dropout=0.0, target_modules=TARGETS)
+        desc = (f"peft {peft.__version__} VB-LoRA (rank={s['rank']}, num_vectors={s['num_vectors']}, "
+                f"vector_length={s['vector_length']}, topk={s['topk']})")
+    model = peft.get_peft_model(model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    return model.train(), optimizer, desc
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def make_step(model, optimizer, ids, device: str):
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step() -> float:
+        sync()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - start
+
+    return step
+
+
+def run(args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    if any(v.startswith("peft") for v in args.variants):
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            print("peft is not installed: skipping the peft variants", file=sys.stderr)
+            args.variants = [v for v in args.variants if not v.startswith("peft")]
+    info = hardware(args.device)
+    print(f"hardware: {info['cpu']}, {info.get('affinity_cpus', info['logical_cpus'])} CPUs, "
+          f"torch {info['torch']} with {info['torch_threads']} threads"
+          + (f", GPU {info['gpu']}" if args.device == "cuda" else ""), flush=True)
+
+    t0 = time.perf_counter()
+    base = load_base(args.model, args.device)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", flush=True)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+
+    variants, descriptions = {}, {}
+    for name in args.variants:
+        model, optimizer, desc = build_variant(name, base, args.device)
+        variants[name] = make_step(model, optimizer, ids, args.device)
+        descriptions[name] = desc
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"  {name:<12} {desc}; {trainable:,} trainable parameters", flush=True)
+    del base
+
+    for _ in range(args.warmup):
+        for name, step in variants.items():
+            step()
+    names = list(variants)
+    times = {name: [] for name in names}
+    for r in range(args.reps):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no fixed position effects
+        for name in order:
+            times[name].append(variants[name]())
+        line = "  ".join(f"{n} {times[n][-1]:.3f}" for n in names)
+        print(f"round {r + 1}/{args.reps}: {line}", flush=True)
+
+    base_times = times["base"]
+    results = {}
+    for name in names:
+        ratios = [t / b for t, b in zip(times[name], base_times)]
+        results[name] = {
+            "description": descriptions[name],
+            "median_step_s": statistics.median(times[name]),
+            "min_step_s": min(times[name]),
+            "ratio": statistics.median(ratios),  # median of per-round ratios
+            "ratio_of_medians": statistics.median(times[name]) / statistics.median(base_times),
+            "ratio_iqr": _iqr(ratios),
+            "step_s": times[name],
+        }
+        if name in GOALS:
+            results[name]["goal"] = GOALS[name]
+    try:
+        info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return {"hardware": info, "model": args.model, "batch": args.batch, "seq": args.seq,
+            "warmup": args.warmup, "reps": args.reps, "dtype": "float32", "results": results}
+
+
+def _iqr(values: list[float]) -> list[float]:
+    if len(values) < 4:
+        return [min(values), max(values)]
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
+def markdown(report: dict) -> str:
+    hw = report["hardware"]
+    res = report["results"]
+    lines = [f"Model {report['model']}, batch {report['batch']}×{report['seq']} tokens, fp32, "
+             f"{report['reps']} interleaved rounds after {report['warmup']} warm-up steps; "
+             f"{hw['cpu']}, {hw.get('affinity_cpus', hw['logical_cpus'])} CPUs, {hw['torch_threads']} torch "
+             f"threads{', GPU ' + hw['gpu'] if hw.get('gpu') else ''}; torch {hw['torch']}"
+             f"{', peft ' + hw['peft'] if hw.get('peft') else ''}; load average "
+             f"{hw.get('load_average_start', ['?'])[0]} → {hw.get('load_average_end', ['?'])[0]}.",
+             "",
+             "| variant | step time (median) | × frozen base (median of per-round ratios) | IQR of ratio | goal |",
+             "|---|---|---|---|---|"]
+    peft_ratio = {"lora": res.get("peft-lora", {}).get("ratio"), "vblora": res.get("peft-vblora", {}).get("ratio")}
+    for name, r in res.items():
+        if name == "base":
+            ratio = "1.00 (reference)"
+            goal = ""
+        else:
+            ratio = f"{r['ratio']:.3f}"
+            goal = ""
+            if "goal" in r:
+                ok = r["ratio"] <= r["goal"]
+                beats = peft_ratio.get(name) is None or r["ratio"] < peft_ratio[name]
+                goal = f"≤ {r['goal']:.2f}{'' if peft_ratio.get(name) is None else ' and < peft'}: " + \
+                       ("met" if ok and beats else "not met")
+        iqr = "" if name == "base" else f"{r['ratio_iqr'][0]:.3f}–{r['ratio_iqr'][1]:.3f}"
+        lines.append(f"| {r['description']} | {r['median_step_s'] * 1000:.0f} ms | {ratio} | {iqr} | {goal} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    report = run(args)
+    table = markdown(report)
+    print()
+    print(table)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+#!/usr/bin/env python
+"""Training throughput and peak memory: `finetune train` against peft + transformers Trainer.
+
+The same fine-tuning job two ways, each run in its own process, alternating:
+
+    finetune   `finetune train` (a subprocess): GSM8K from a local file in finetune's gsm8k
+               format (Alpaca layout, loss on the answer + EOS), packed rows of --max-length
+               tokens (task.packing=true, examples never attend to each other), the chunked
+               cross-entropy (trainer.loss_chunk), LoRA.
+    baseline   what users would pick instead: peft's LoRA (same rank, alpha, targets, dropout)
+               with transformers' Trainer, the same tokenized examples (unpacked), padded per
+               batch to the longest example (DataCollatorForSeq2Seq, labels -100 on padding), the
+               model's standard cross-entropy.
+
+Shared: the embedded SmolLM2-135M, method LoRA r=8, alpha=16, dropout 0, all seven projections,
+learning rate, linear decay without warmup, AdamW (torch defaults, weight decay 0), gradient
+clipping 1.0, seed, the sequence budget (--max-length tokens per sequence: longer examples are
+truncated for both) and the number of optimizer steps. The token budget per step is matched: the
+baseline takes --batch-size examples per step; finetune takes --rows packed rows, by default
+(``--rows auto``) as many as hold the same number of tokens on average
+(round(batch_size x mean example length / max_length)). Both report their tokens per step.
+
+Measured per run: non-padding tokens per second over the optimizer steps after --warmup-steps
+(the per-step clock of each system: finetune's metrics.jsonl, a Trainer callback; from the end of
+the last warm-up step to the end of the last step, so data loading, collation, forward, backward
+and optimizer step are all inside), and peak memory: on CPU the peak resident set size of the
+whole process from the kernel (ru_maxrss via wait4, model loading included), on CUDA
+torch.cuda.max_memory_allocated. The summary is the median over --reps runs of each, and the
+ratios finetune / baseline. Goals: >= 1.5x the tokens/s at <= 0.6x the peak memory.
+
+    python scripts/bench_throughput.py --quick                    # a 2-minute smoke test
+    python scripts/bench_throughput.py --device cpu               # the full measurement
+    python scripts/bench_throughput.py --device cuda --steps 50 --batch-size 16
+
+Writes docs/bench/throughput-<device>.json and .md (--quick: under /tmp unless --out is given).
+Use a quiet machine: every other process on the cores slows both sides unevenly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (DEFAULT_OUT, check_ok, child_env, hardware_info, hardware_line,  # noqa: E402
+                      md_table, median, print_hardware, run_measured, write_outputs)
+
+DATA = "/work/shared/data/gsm8k/train.jsonl"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GOAL_SPEED, GOAL_MEMORY = 1.5, 0.6
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--data", default=DATA, help="GSM8K training records, jsonl {question, answer}")
+    p.add_argument("--model", default="smollm2-135m", help="a `model` config option")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of tokens/s")
+    p.add_argument("--reps", type=int, default=3, help="runs of each system, alternating")
+    p.add_argument("--batch-size", type=int, default=8, help="baseline: examples per step")
+    p.add_argument("--rows", default="auto", help="finetune: packed rows per step (auto: same tokens)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence (packed row)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--loss-chunk", type=int, default=1024, help="finetune's trainer.loss_chunk")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
+    p.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra `finetune train` override (repeatable), e.g. trainer.gradient_checkpointing=true")
+    p.add_argument("--only", choices=("finetune", "baseline"), help="run one side only (no ratios)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 4 steps (1 warm-up), 1 rep, batch 2, max length 256")
+    p.add_argument("--out", default=None, help="output path without suffix (default docs/bench/throughput-<device>)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
+    # internal: the worker processes
+    p.add_argument("--worker", choices=("prepare", "baseline"), help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup_steps, args.reps = 4, 1, 1
+        args.batch_size, args.max_length = 2, 256
+    if args.warmup_steps >= args.steps:
+        p.error("--warmup-steps must be smaller than --steps")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Data: finetune's gsm8k task builds the examples for both sides
+# --------------------------------------------------------------------------------------------
+
+
+def task_overrides(spec: dict, packing: bool) -> list[str]:
+    return [f"model={spec['model']}", "method=lora", "task=gsm8k", f"task.data.path={spec['data']}",
+            f"task.max_length={spec['max_length']}", f"task.packing={'true' if packing else 'false'}",
+            "task.on_overflow=truncate"]
+
+
+def build_examples(spec: dict, packing: bool):
+    from finetune.config import compose
+    from finetune.models import load_tokenizer
+    from finetune.tasks import build_task
+
+    cfg = compose(task_overrides(spec, packing))
+    tokenizer = load_tokenizer(cfg.model)
+    return cfg, tokenizer, build_task(cfg.task, tokenizer).train_examples()
+
+
+def worker_prepare(spec: dict) -> None:
+    """Tokenize once (finetune's data cache) and report the lengths that size the packed batch."""
+    _, _, plain = build_examples(spec, packing=False)
+    _, _, packed = build_examples(spec, packing=True)
+    lengths, rows = plain.lengths(), packed.lengths()
+    stats = {"examples": int(len(lengths)), "mean_example_tokens": float(lengths.mean()),
+             "max_example_tokens": int(lengths.max()), "packed_rows": int(len(rows)),
+             "mean_row_tokens": float(rows.mean()), "max_length": spec["max_length"]}
+    Path(spec["result"]).write_text(json.dumps(stats))
+
+
+# --------------------------------------------------------------------------------------------
+# The baseline: peft + transformers Trainer
+# --------------------------------------------------------------------------------------------
+
+
+def worker_baseline(spec: dict) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    from finetune.models import source_dir
+
+    cfg, tokenizer, examples = build_examples(spec, packing=False)
+    rows = [dict(ex, attention_mask=[1] * len(ex["input_ids"])) for ex in examples]
+    cuda = spec["device"] == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(source_dir(cfg.model),
+                                                 dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    lora = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=TARGETS,
+                      bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    batches = []  # (non-padding tokens, padded tokens) of each collated batch, in order
+
+    def collate(features):
+        batch = collator(features)
+        batches.append((int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())))
+        return batch
+
+    step_ends, losses = [], []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            step_ends.append(time.time())
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            step_ends.append(time.time())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    out_dir = tempfile.mkdtemp(prefix="bench-baseline-")
+    targs = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no",
+        report_to=[], seed=spec["seed"], data_seed=spec["seed"], dataloader_num_workers=0,
+        remove_unused_columns=False, use_cpu=not cuda, bf16=cuda, disable_tqdm=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
+    trainer.train()
+    n = spec["steps"]
+    result = {"step_end_times": step_ends[1:n + 1], "train_begin": step_ends[0],
+              "tokens_per_step": [b[0] for b in batches[:n]], "padded_tokens_per_step": [b[1] for b in batches[:n]],
+              "losses": losses[:n], "trainable_params": trainable,
+              "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+
+def throughput(times: list[float], tokens: list[int], warmup: int) -> float | None:
+    """Tokens of steps warmup+1..N over the time from the end of step ``warmup`` to the end of N."""
+    if len(times) <= warmup or warmup < 1:
+        return None
+    elapsed = times[-1] - times[warmup - 1]
+    return sum(tokens[warmup:len(times)]) / elapsed if elapsed > 0 else None
+
+
+def run_finetune(args, spec: dict, rows: int, rep: int, work: Path, env: dict) -> dict:
+    out = work / f"finetune-{rep}"
+    overrides = task_overrides(spec, packing=True) + [
+        f"method.rank={args.rank}", f"method.alpha={args.alpha}", "method.dropout=0.0",
+        "task.eval_limit=1", "task.max_new_tokens=1",  # a trivial end-of-run evaluation
+        f"trainer.batch_size={rows}", "trainer.grad_accum=1", f"trainer.max_steps={args.steps}",
+        f"trainer.lr={args.lr}", "trainer.schedule=linear", "trainer.warmup_steps=0",
+        "trainer.weight_decay=0.0", "trainer.max_grad_norm=1.0", f"trainer.loss_chunk={args.loss_chunk}",
+        f"trainer.seed={spec['seed']}", f"trainer.device={args.device}", "trainer.merge=false",
+        "trainer.overwrite=true", f"output_dir={out}", *args.finetune_override]
+    cmd = [sys.executable, "-m", "finetune", "train", "-q", *overrides]
+    res = run_measured(cmd, work / f"finetune-{rep}.log", env=env, timeout=args.timeout)
+    check_ok(res, "finetune train")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "tokens" in r and "time" in r and "loss" in r]
+    info = json.loads((out / "run.json").read_text())
+    cumulative = [r["tokens"] for r in steps]
+    tokens = [b - a for a, b in zip([0] + cumulative[:-1], cumulative)]
+    times = [r["time"] for r in steps]
+    params = info.get("params") or {}
+    return {"system": "finetune", "rep": rep, "tokens_per_s": throughput(times, tokens, args.warmup_steps),
+            "tokens_per_step": sum(tokens) / max(len(tokens), 1), "padding_pct": None,
+            "peak_rss_mb": res["peak_rss_mb"],
+            "cuda_peak_mb": info.get("peak_memory_mb") if args.device == "cuda" else None,
+            "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
+            "steps": len(steps), "trainable_params": params.get("trainable_params"),
+            "process_wall_s": res["wall_s"], "log": res["log"], "command": "finetune train " + " ".join(overrides)}
+
+
+def run_baseline(args, spec: dict, rep: int, work: Path, env: dict) -> dict:
+    result_file = work / f"baseline-{rep}.json"
+    bspec = dict(spec, result=str(result_file))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "baseline", "--spec", json.dumps(bspec)]
+    res = run_measured(cmd, work / f"baseline-{rep}.log", env=env, timeout=args.timeout)
+    check_ok(res, "the peft + Trainer baseline")
+    r = json.loads(result_file.read_text())
+    tokens, padded = r["tokens_per_step"], r["padded_tokens_per_step"]
+    return {"system": "baseline", "rep": rep,
+            "tokens_per_s": throughput(r["step_end_times"], tokens, args.warmup_steps),
+            "tokens_per_step": sum(tokens) / max(len(tokens), 1),
+            "padding_pct": 100.0 * (1 - sum(tokens) / max(sum(padded), 1)),
+            "peak_rss_mb": res["peak_rss_mb"], "cuda_peak_mb": r["cuda_peak_mb"],
+            "first_loss": r["losses"][0] if r["losses"] else None,
+            "last_loss": r["losses"][-1] if r["losses"] else None, "steps": len(r["step_end_times"]),
+            "trainable_params": r["trainable_params"], "process_wall_s": res["wall_s"], "log": res["log"]}
+
+
+def summarise(runs: list[dict], device: str) -> dict:
+    memory_key = "cuda_peak_mb" if device == "cuda" else "peak_rss_mb"
+    out = {}
+    for system in ("finetune", "baseline"):
+        mine = [r for r in runs if r["system"] == system]
+        if mine:
+            out[system] = {"tokens_per_s": median([r["tokens_per_s"] for r in mine]),
+                           "peak_memory_mb": median([r[memory_key] for r in mine]),
+                           "peak_rss_mb": median([r["peak_rss_mb"] for r in mine]),
+                           "tokens_per_step": median([r["tokens_per_step"] for r in mine]),
+                           "padding_pct": median([r["padding_pct"] for r in mine]),
+                           "last_loss": median([r["last_loss"] for r in mine]),
+                           "trainable_params": mine[0]["trainable_params"], "runs": len(mine)}
+    if "finetune" in out and "baseline" in out:
+        f, b = out["finetune"], out["baseline"]
+        out["speed_ratio"] = f["tokens_per_s"] / b["tokens_per_s"] if f["tokens_per_s"] and b["tokens_per_s"] else None
+        out["memory_ratio"] = (f["peak_memory_mb"] / b["peak_memory_mb"]
+                               if f["peak_memory_mb"] and b["peak_memory_mb"] else None)
+        out["speed_goal_met"] = out["speed_ratio"] is not None and out["speed_ratio"] >= GOAL_SPEED
+        out["memory_goal_met"] = out["memory_ratio"] is not None and out["memory_ratio"] <= GOAL_MEMORY
+    out["memory_measure"] = "CUDA max_memory_allocated" if device == "cuda" else "peak RSS of the process (ru_maxrss)"
+    return out
+
+
+def markdown(args, spec, rows, stats, summary, runs, info) -> str:
+    mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
+    table = []
+    for system, label in (("finetune", f"`finetune train` (packing, loss_chunk={args.loss_chunk})"),
+                          ("baseline", "peft + Trainer (padding per batch)")):
+        s = summary.get(system)
+        if s:
+            pad = "0 (packed)" if system == "finetune" else f"{s['padding_pct']:.1f}"
+            table.append([label, f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "-",
+                          f"{s['peak_memory_mb']:,.0f}", f"{s['tokens_per_step']:,.0f}", pad,
+                          f"{s['last_loss']:.3f}" if s["last_loss"] is not None else "-",
+                          f"{s['trainable_params']:,}" if s["trainable_params"] else "-"])
+    if "speed_ratio" in summary:
+        sr, mr = summary["speed_ratio"], summary["memory_ratio"]
+        table.append(["**ratio finetune / baseline**",
+                      f"**{sr:.2f}x** (goal >= {GOAL_SPEED}x: {'met' if summary['speed_goal_met'] else 'not met'})"
+                      if sr else "-",
+                      f"**{mr:.2f}x** (goal <= {GOAL_MEMORY}x: {'met' if summary['memory_goal_met'] else 'not met'})"
+                      if mr else "-", "", "", "", ""])
+    lines = [f"# Training throughput: finetune vs peft + Trainer ({args.device})", "",
+             f"Hardware: {hardware_line(info)}.", "",
+             f"Job: {args.model}, LoRA r={args.rank} alpha={args.alpha:g} on all 7 projections, lr {args.lr:g} "
+             f"linear, AdamW, {args.steps} optimizer steps (tokens/s over the last {args.steps - args.warmup_steps}), "
+             f"GSM8K train ({stats['examples']} examples, mean {stats['mean_example_tokens']:.0f} tokens), "
+             f"max length {args.max_length}; baseline {args.batch_size} examples per step, finetune {rows} packed rows "
+             f"per step (mean {stats['mean_row_tokens']:.0f} tokens per row). Median of {args.reps} alternating "
+             "runs each, every run in its own process.", "",
+             md_table(["system", "non-padding tokens/s", mem, "tokens/step", "padding %", "last loss",
+                       "trainable params"], table), "",
+             "Per run:", "",
+             md_table(["rep", "system", "tokens/s", "peak RSS MiB", "CUDA peak MiB", "process wall s"],
+                      [[r["rep"], r["system"], f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-",
+                        f"{r['peak_rss_mb']:,.0f}", f"{r['cuda_peak_mb']:,.0f}" if r["cuda_peak_mb"] else "-",
+                        f"{r['process_wall_s']:.0f}"] for r in runs]), "",
+             "Command: `python scripts/bench_throughput.py " + " ".join(sys.argv[1:]) + "`"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.spec)
+        {"prepare": worker_prepare, "baseline": worker_baseline}[args.worker](spec)
+        return
+    if not Path(args.data).is_file():
+        sys.exit(f"--data {args.data}: no such file (GSM8K train split as jsonl with question/answer)")
+    info = hardware_info(args.device)
+    print_hardware(info)
+    work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    env = child_env(args.threads)
+    spec = {"model": args.model, "data": str(Path(args.data).resolve()), "max_length": args.max_length,
+            "device": args.device, "steps": args.steps, "batch_size": args.batch_size, "rank": args.rank,
+            "alpha": args.alpha, "lr": args.lr, "seed": 42}
+
+    print("preparing the data (tokenized once into finetune's cache) ...", flush=True)
+    stats_file = work / "data.json"
+    prep = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", "prepare", "--spec",
+                         json.dumps(dict(spec, result=str(stats_file)))], work / "prepare.log", env=env)
+    check_ok(prep, "data preparation")
+    stats = json.loads(stats_file.read_text())
+    if args.rows == "auto":
+        rows = max(1, round(args.batch_size * stats["mean_example_tokens"] / args.max_length))
+    else:
+        rows = int(args.rows)
+    print(f"data: {stats['examples']} examples, mean {stats['mean_example_tokens']:.0f} tokens -> "
+          f"{stats['packed_rows']} packed rows of <= {args.max_length} (mean {stats['mean_row_tokens']:.0f}); "
+          f"baseline {args.batch_size} examples/step, finetune {rows} rows/step", flush=True)
+
+    runs = []
+    systems = ["finetune", "baseline"] if not args.only else [args.only]
+    for rep in range(args.reps):
+        order = systems if rep % 2 == 0 else systems[::-1]
+        for system in order:
+            print(f"rep {rep + 1}/{args.reps}: {system} ...", end=" ", flush=True)
+            r = (run_finetune(args, spec, rows, rep, work, env) if system == "finetune"
+                 else run_baseline(args, spec, rep, work, env))
+            mem = r["cuda_peak_mb"] if args.device == "cuda" else r["peak_rss_mb"]
+            tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
+            print(f"{tps} tokens/s, peak {mem:,.0f} MiB, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f} "
+                  f"({r['process_wall_s']:.0f} s)", flush=True)
+            runs.append(r)
+
+    summary = summarise(runs, args.device)
+    md = markdown(args, spec, rows, stats, summary, runs, info)
+    print()
+    print(md)
+    default = DEFAULT_OUT / f"throughput-{args.device}" if not args.quick else \
+        Path(tempfile.gettempdir()) / "finetune-bench" / f"throughput-{args.device}-quick"
+    write_outputs(Path(args.out) if args.out else default,
+                  {"benchmark": "throughput", "hardware": info, "settings": vars(args) | {"rows": rows},
+                   "data": stats, "summary": summary, "runs": runs, "work_dir": str(work)}, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Every user mistake through the real command line: one line on stderr naming what is wrong, where,
+and what is allowed; exit code 2; no traceback; nothing half-written left behind."""
+
+import json
+import warnings
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+
+RUN = ["model=tiny", "trainer.max_steps=1", "trainer.batch_size=2", "trainer.merge=false"]
+TINY = [*RUN, "task.num_pairs=2", "task.eval_limit=1", "task.max_new_tokens=1"]
+
+
+def export_available() -> bool:
+    try:
+        from finetune.export import export_run  # noqa: F401 (being written alongside)
+    except ImportError:
+        return False
+    return True
+
+
+NEEDS_EXPORT = pytest.mark.skipif(not export_available(), reason="finetune.export.export_run is not written yet")
+
+# (command line, expected part of the message). {tmp}: a fresh directory; {run}: a finished MoRA run;
+# {out}: the output_dir the case must not leave behind.
+CASES = [
+    # config groups, keys, types
+    (["train", "method=foo"], "method=foo: unknown option for group 'method'; available: full, lora, mora, vblora"),
+    (["train", "launcher=mpi"], "launcher=mpi: unknown option for group 'launcher'; available: ddp, deepspeed, fsdp, none"),
+    (["train", "method.rnak=4"], "unknown config key 'method.rnak'; did you mean 'rank'?"),
+    (["train", "trainer.sav_every=4"], "unknown config key 'trainer.sav_every'; did you mean 'save_every'?"),
+    (["train", "launcher=ddp", "launcher.procs=2"], "unknown config key 'launcher.procs'"),
+    (["train", "trainer.lr=abc"], "trainer.lr='abc': wrong type, expected float"),
+    (["train", "trainer.max_steps=1.5"], "trainer.max_steps='1.5': wrong type, expected integer"),
+    (["train", "trainer.schedule=exp"], "trainer.schedule=exp: not allowed; allowed: linear, cosine, constant"),
+    (["train", "trainer.max_steps=[1"], "cannot parse the overrides"),
+    # impossible values
+    (["train", "method=lora", "method.rank=0"], "method.rank=0: must be > 0"),
+    (["train", "method=mora", "method.rank=-4"], "method.rank=-4: must be > 0"),
+    (["train", "trainer.batch_size=0"], "trainer.batch_size=0: must be > 0"),
+    (["train", "trainer.lr=0"], "trainer.lr=0.0: must be > 0"),
+    (["train", "trainer.lr=-1e-3"], "trainer.lr=-0.001: must be > 0"),
+    (["train", "trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints=-1: must be >= 0"),
+    (["train", "method.dropout=1.5"], "method.dropout=1.5: must be in [0, 1)"),
+    (["train", *TINY, "method=vblora", "method.topk=300", "output_dir={out}", "-q"],
+     "method.topk=300 must be an integer in [1, num_vectors=256]"),
+    (["train", *TINY, "method=vblora", "method.vector_length=48", "output_dir={out}", "-q"],
+     "VB-LoRA: method.vector_length=48 does not divide module model.layers.0.self_attn.q_proj with (in, out) "
+     "= (128, 128); vector lengths that divide every targeted module: 1, 2, 4, 8, 16, 32, 64"),
+    # launcher
+    (["train", "launcher.num_processes=2"], "launcher.num_processes=2 needs a launcher: add launcher=ddp"),
+    (["train", "launcher=ddp", "launcher.num_processes=4", "launcher.num_machines=2"],
+     "launcher.num_machines=2: set launcher.main_process_ip"),
+    (["train", "launcher=ddp", "launcher.machine_rank=3", "launcher.num_machines=2"],
+     "launcher.machine_rank=3: must be in [0, 1]"),
+    (["train", *TINY, "launcher=fsdp", "launcher.num_processes=2", "trainer.device=cpu"],
+     "launcher=fsdp needs CUDA GPUs"),
+    (["train", "launcher=deepspeed", "trainer.grad_accum=2"], "trainer.grad_accum=2 with launcher=deepspeed"),
+    # paths: model, data, run directories, checkpoints
+    (["train", *TINY, "method=lora", "model.init=pretrained", "model.path=/no/such/model", "output_dir={out}"],
+     "model.path=/no/such/model: no such directory"),
+    (["train", *TINY, "method=lora", "model.path=pkg:no_such_package_xyz", "model.init=pretrained",
+      "output_dir={out}"], "model.path=pkg:no_such_package_xyz: the Python package 'no_such_package_xyz' is not installed"),
+    (["train", *RUN, "method=lora", "task=instruct", "task.data.path={tmp}/empty.jsonl", "output_dir={out}"],
+     "task.data.path={tmp}/empty.jsonl: the dataset is empty (no records)"),
+    (["train", *RUN, "method=lora", "task=instruct", "task.data.path={tmp}/missing.jsonl", "output_dir={out}"],
+     "task.data.path={tmp}/missing.jsonl: no such file or directory"),
+    (["train", *TINY, "method=mora", "output_dir={run}"],
+     "output_dir={run} already holds a finished run; pass trainer.overwrite=true to replace it"),
+    (["train", *TINY, "method=mora", "output_dir={run}", "trainer.resume=auto"],
+     "output_dir={run} already holds a finished run; nothing to resume"),
+    (["train", *TINY, "output_dir={tmp}/empty.jsonl"], "output_dir={tmp}/empty.jsonl: exists and is not a directory"),
+    (["train", *TINY, "output_dir={tmp}"], "output_dir={tmp} is not empty and not a finetune run"),
+    (["train", *TINY, "trainer.resume={tmp}/nothing", "output_dir={out}"],
+     "trainer.resume={tmp}/nothing: not a checkpoint or run directory; allowed: auto, RUN_DIR, or "
+     "RUN_DIR/checkpoints/step-N"),
+    (["train", *TINY, "method=mora", "trainer.resume={run}", "output_dir={out}"],
+     "trainer.resume={run}: the run has no complete checkpoint"),
+    (["train", *TINY, "trainer.resume=auto", "trainer.overwrite=true", "output_dir={out}"],
+     "trainer.resume and trainer.overwrite=true contradict each other"),
+    (["train", "--config-dir", "{tmp}/nope"], "--config-dir {tmp}/nope: no such directory"),
+    # the other commands
+    (["merge", "{tmp}"], "{tmp}: not a finetune run directory"),
+    (["merge", "{run}", "--dtype", "int8"], "--dtype int8: allowed: float32, bfloat16, float16"),
+    (["eval", "{tmp}"], "{tmp}: neither a finetune run directory nor a model directory (config.json)"),
+    pytest.param(["export", "{run}", "--format", "peft", "--out", "{out}"], "MoRA has no peft adapter format",
+                 marks=NEEDS_EXPORT),
+    pytest.param(["export", "{tmp}", "--format", "peft", "--out", "{out}"], "not a finetune run directory",
+                 marks=NEEDS_EXPORT),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished MoRA run (one step, no checkpoints)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    result = CliRunner().invoke(app, ["train", *TINY, "method=mora", f"output_dir={run}", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    return run
+
+
+def _fill(text: str, tmp, run, out) -> str:
+    return text.replace("{tmp}", str(tmp)).replace("{run}", str(run)).replace("{out}", str(out))
+
+
+@pytest.mark.parametrize("args,message", CASES, ids=lambda v: " ".join(v)[:70] if isinstance(v, list) else None)
+def test_user_mistake_is_one_line_and_exit_2(args, message, tmp_path, finished_run):
+    (tmp_path / "empty.jsonl").write_text("")
+    out = tmp_path / "out"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    run_before = sorted(str(p) for p in finished_run.rglob("*"))
+    args = [_fill(a, tmp_path, finished_run, out) for a in args]
+
+    with warnings.catch_warnings():  # library warnings are not the CLI's messages
+        warnings.simplefilter("ignore")
+        result = CliRunner().invoke(app, args)
+
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"finetune: error: {_fill(message, tmp_path, finished_run, out)}"), lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not out.exists()  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(str(p) for p in finished_run.rglob("*")) == run_before  # the finished run untouched
+
+
+def test_the_table_is_long_enough():
+    assert len(CASES) >= 20

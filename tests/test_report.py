@@ -1,0 +1,195 @@
+"""`finetune report` and `finetune runs` on run directories written by hand (no training): the
+runs are found, each status is told right (finished, running, stale, resumable, failed), the table
+has one row per run, CSV and Markdown are written, and the plots are real PNG images of the
+documented size."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.environment import process_identity
+from finetune.errors import UserError
+from finetune.plots import DPI, FIGSIZE
+from finetune.report import throughput
+from finetune.runs import describe, find_runs, run_status
+
+PNG_SIZE = (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+
+
+def make_run(path, method="lora", rank=8, num_vectors=None, status="finished", value=0.5, steps=3,
+             stored=1000, **info):
+    """A run directory as train.py leaves it: config.yaml, run.json, metrics.jsonl."""
+    path.mkdir(parents=True)
+    method_cfg = {"name": method} if method == "full" else {"name": method, "rank": rank}
+    if num_vectors is not None:
+        method_cfg["num_vectors"] = num_vectors
+    import yaml
+
+    (path / "config.yaml").write_text(yaml.safe_dump({"method": method_cfg, "task": {"name": "memorize"},
+                                                      "trainer": {"max_steps": steps}}))
+    records = [{"step": s, "loss": 3.0 / s, "lr": 1e-3, "tokens_per_s": 100.0, "tokens": 50 * s,
+                "time": 1000.0 + s} for s in range(1, steps + 1)]
+    run = {"status": status, "method": method, "task": "memorize", "model": "tiny",
+           "created": "2026-01-01T00:00:00", **info}
+    if status == "finished":
+        records.append({"step": steps, "eval": {"char_acc": value}})
+        run.update(steps=steps, final_loss=records[steps - 1]["loss"], metric="char_acc",
+                   metrics={"char_acc": value}, peak_memory_mb=400.0, wall_time_s=12.5,
+                   params={"trainable_params": stored, "stored_params": stored})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "run.json").write_text(json.dumps(run))
+    return path
+
+
+def make_checkpoint(run_dir, step):
+    ckpt = run_dir / "checkpoints" / f"step-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": step}))
+    (ckpt / "COMPLETE").write_text(json.dumps({"step": step, "files": {"state.json": (ckpt / "state.json").stat().st_size}}))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Six finished runs: LoRA and MoRA at ranks 2 and 8, VB-LoRA at two bank sizes, and full."""
+    root = tmp_path / "sweep"
+    make_run(root / "0_lora_r2", "lora", 2, value=0.2, stored=2000)
+    make_run(root / "1_lora_r8", "lora", 8, value=0.4, stored=8000)
+    make_run(root / "2_mora_r2", "mora", 2, value=0.3, stored=2000)
+    make_run(root / "10_mora_r8", "mora", 8, value=0.6, stored=8000)
+    make_run(root / "3_vblora_h64", "vblora", 4, num_vectors=64, value=0.25, stored=900)
+    make_run(root / "4_vblora_h256", "vblora", 4, num_vectors=256, value=0.35, stored=1500)
+    make_run(root / "5_full", "full", value=0.9, stored=100000)
+    return root
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_runs_are_found_in_natural_order_and_not_inside_runs(sweep, tmp_path):
+    (sweep / "0_lora_r2" / "merged").mkdir()
+    (sweep / "0_lora_r2" / "merged" / "run.json").write_text("{}")  # never looked at
+    hidden = make_run(tmp_path / "sweep" / ".trash" / "x")
+    runs = find_runs([tmp_path])
+    names = [p.name for p in runs]
+    assert names == ["0_lora_r2", "1_lora_r8", "2_mora_r2", "3_vblora_h64", "4_vblora_h256", "5_full",
+                     "10_mora_r8"]
+    assert hidden not in runs
+    assert find_runs([sweep / "1_lora_r8"]) == [(sweep / "1_lora_r8").resolve()]
+    with pytest.raises(UserError, match="no such directory"):
+        find_runs([tmp_path / "nope"])
+
+
+def test_status_running_stale_resumable_failed(tmp_path):
+    live = make_run(tmp_path / "live", status="running", **process_identity())
+    assert run_status(live, json.loads((live / "run.json").read_text())) == "running"
+    dead = make_run(tmp_path / "dead", status="running", pid=2**22 + 12345, host=os.uname().nodename)
+    assert run_status(dead, json.loads((dead / "run.json").read_text())) == "stale"
+    reused = make_run(tmp_path / "reused", status="running", **{**process_identity(), "pid_start": "1"})
+    assert run_status(reused, json.loads((reused / "run.json").read_text())) == "stale"
+    elsewhere = make_run(tmp_path / "elsewhere", status="running", pid=1, host="another-host")
+    assert run_status(elsewhere, json.loads((elsewhere / "run.json").read_text())) == "running"
+    make_checkpoint(dead, 2)
+    assert run_status(dead, json.loads((dead / "run.json").read_text())) == "resumable"
+    failed = make_run(tmp_path / "failed", status="failed", error="loss became nan")
+    assert run_status(failed, json.loads((failed / "run.json").read_text())) == "failed"
+    (tmp_path / "failed" / "checkpoints" / "step-1").mkdir(parents=True)  # no marker: incomplete
+    assert run_status(failed, json.loads((failed / "run.json").read_text())) == "failed"
+    record = describe(dead)
+    assert record["last_checkpoint"] == 2 and record["step"] == 3 and record["max_steps"] == 3
+
+
+def test_throughput_uses_the_time_between_logged_steps():
+    records = [{"step": 1, "tokens": 100, "time": 10.0}, {"step": 2, "tokens": 300, "time": 11.0},
+               {"step": 3, "tokens": 500, "time": 12.0}, {"step": 3, "eval": {"acc": 1.0}}]
+    assert throughput(records) == pytest.approx(200.0)
+    assert throughput([{"step": 1, "tokens_per_s": 42.0, "tokens": 1, "time": 1.0}]) == 42.0
+    assert throughput([]) is None
+
+
+def test_report_table_csv_markdown_and_plots(sweep, tmp_path):
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(app, ["report", str(sweep), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    header = lines[0].split()
+    for column in ["run", "method", "rank", "trainable", "stored", "steps", "tokens/s", "metric", "value"]:
+        assert column in header, column
+    rows = lines[2:2 + 7]
+    assert len(rows) == 7 and all(row.split()[1] == "finished" for row in rows)
+    assert lines[9] == "" and lines[10].startswith("wrote ")
+
+    with open(out / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 7
+    by_run = {row["run"]: row for row in table}
+    assert by_run["1_lora_r8"]["rank"] == "8" and by_run["1_lora_r8"]["bank_size"] == ""
+    assert by_run["4_vblora_h256"]["bank_size"] == "256" and by_run["5_full"]["rank"] == ""
+    assert float(by_run["10_mora_r8"]["value"]) == 0.6 and by_run["10_mora_r8"]["metric"] == "char_acc"
+    assert float(by_run["0_lora_r2"]["tokens_per_s"]) == pytest.approx(50.0)
+    assert int(by_run["5_full"]["stored_params"]) == 100000
+
+    markdown = (out / "report.md").read_text()
+    assert markdown.count("\n| ") == 7 + 1  # header + 7 rows (the alignment row starts with '|-')
+    for name in ["loss.png", "metric_vs_size.png", "metric_vs_params.png"]:
+        assert f"]({name})" in markdown
+        assert png_size(out / name) == PNG_SIZE, name
+
+
+def test_report_default_out_and_no_plots(sweep):
+    r = CliRunner().invoke(app, ["report", str(sweep), "--no-plots", "--quiet"])
+    assert r.exit_code == 0 and r.output == ""
+    assert (sweep / "report" / "report.csv").is_file() and not list((sweep / "report").glob("*.png"))
+
+
+def test_report_without_runs_is_a_one_line_error(tmp_path):
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 2
+    assert "no runs found below" in r.output
+
+
+def test_report_with_a_failed_run_keeps_its_row(tmp_path):
+    make_run(tmp_path / "a", "lora", 2, value=0.5)
+    make_run(tmp_path / "b", "lora", 4, status="failed", error="boom")
+    r = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    table = list(csv.DictReader(open(tmp_path / "rep" / "report.csv")))
+    assert [row["status"] for row in table] == ["finished", "failed"]
+    assert (tmp_path / "rep" / "loss.png").is_file() and (tmp_path / "rep" / "metric_vs_size.png").is_file()
+
+
+def test_runs_command_lists_status_method_task_metric(sweep, tmp_path):
+    make_run(tmp_path / "sweep" / "6_dead", status="running", pid=2**22 + 12345, host=os.uname().nodename)
+    r = CliRunner().invoke(app, ["runs", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:6] == ["run", "status", "method", "task", "step", "metric"]
+    body = {line.split()[0].rsplit("/", 1)[-1]: line.split() for line in lines[2:]}
+    assert len(body) == 8
+    assert body["10_mora_r8"][1:4] == ["finished", "mora", "memorize"] and "char_acc=0.6000" in body["10_mora_r8"]
+    assert body["6_dead"][1] == "stale" and "3/3" in body["6_dead"]
+    r = CliRunner().invoke(app, ["runs", str(tmp_path), "--json"])
+    records = [json.loads(line) for line in r.output.splitlines()]
+    assert {rec["status"] for rec in records} == {"finished", "stale"}
+
+
+def test_report_and_runs_help_import_nothing_heavy():
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom finetune.cli import app\n"
+            "for c in (['report', '--help'], ['runs', '--help']):\n"
+            "    r = CliRunner().invoke(app, c)\n    assert r.exit_code == 0, r.output\n"
+            "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'matplotlib') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
