@@ -103,13 +103,13 @@ def optimizer_state(model, optimizer) -> tuple[dict, dict]:
     sd = get_optimizer_state_dict(model, _raw(optimizer),
                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     tensors, scalars = {}, {}
-    for name, state in sd["state"].items():
+    for name, state in sd.get("state", {}).items():  # ranks other than 0 get an empty dict
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(name, {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, {"param_groups": sd.get("param_groups", []), "scalars": scalars}
 
 
 def load_optimizer_state(model, optimizer, tensors: dict, info: dict) -> None:

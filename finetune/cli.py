@@ -75,10 +75,10 @@ def train(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] 
           fail_fast: bool = typer.Option(False, "--fail-fast", help="Sweeps: stop at the first failed run.")):
     """Train: finetune train [model=...] [method=...] [task=...] [key=value ...]"""
     from finetune import progress
-    from finetune.config import compose
+    from finetune.config import absolute_paths, compose
 
     progress.set_quiet(quiet)
-    overrides = list(overrides or [])
+    overrides = absolute_paths(list(overrides or []))
     if multirun:
         from finetune.sweep import run_sweep
 
@@ -92,7 +92,9 @@ def train(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] 
     if cfg.launcher.name != "none" and not in_launched_process():
         from finetune.launch import launch_training  # re-run this command in N processes
 
-        raise typer.Exit(launch_training(cfg, overrides, config_dir, quiet))
+        code = launch_training(cfg, overrides, config_dir, quiet)
+        if code is not None:
+            raise typer.Exit(code)
     from finetune.train import train as run_training
 
     result = run_training(cfg, overrides, quiet=quiet, config_dir=config_dir)

@@ -338,6 +338,24 @@ def group_options(group: str, config_dir: Optional[str] = None) -> List[str]:
     return sorted(names)
 
 
+PATH_KEYS = ("output_dir", "model.path", "model.tokenizer", "task.data.path", "task.eval_path")
+
+
+def absolute_paths(overrides: List[str]) -> List[str]:
+    """Rewrite path-valued overrides that name local files to absolute paths, so a run's config
+    and its recorded overrides mean the same thing from any working directory. Hub ids and
+    ``pkg:`` names are left alone."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        local = value.startswith(("./", "../", "~")) or (value and os.path.exists(value)) or (
+            key.lstrip("+") == "output_dir" and value not in ("", "null"))
+        if sep and key.lstrip("+") in PATH_KEYS and local and "," not in value:
+            value = str(Path(value).expanduser().resolve())
+        out.append(f"{key}{sep}{value}")
+    return out
+
+
 def compose(overrides: List[str] = (), config_dir: Optional[str] = None):
     """Compose ``conf/config.yaml`` with ``overrides``; return a validated, resolved DictConfig."""
     from hydra import compose as hydra_compose
@@ -346,7 +364,7 @@ def compose(overrides: List[str] = (), config_dir: Optional[str] = None):
     from omegaconf import OmegaConf
 
     register_schemas()
-    overrides = list(overrides)
+    overrides = absolute_paths(list(overrides))
     searchpath = _config_dirs(config_dir)
     if searchpath:
         overrides.append(f"hydra.searchpath=[{','.join(searchpath)}]")

@@ -23,6 +23,9 @@ Any failure raises a :class:`UserError`. MoRA (no peft format; use ``finetune me
 fine-tuning are refused with one line. A VB-LoRA adapter, and a MoRA adapter of types 1–4, can be
 written as the exact LoRA it equals (``as_lora=True``; §4.10, §2.9).
 
+``export_run(run_dir, "peft", out)`` is what ``finetune export`` calls: it loads a finished run
+and exports its adapter with the run's base recorded as ``base_model_name_or_path``.
+
 ``import_peft(model, directory)`` attaches a LoRA or VB-LoRA adapter saved by peft (or by us) to
 ``model`` with our implementation (§6.6 items 2 and 4).
 
@@ -465,6 +468,51 @@ def export_peft(adapter, out_dir: str | Path, base_model_name_or_path: str | Non
             (out / name).unlink(missing_ok=True)
         raise
     return out
+
+
+FORMATS = ("peft",)
+
+
+def run_base_name(cfg, run_path: Path) -> str | None:
+    """``base_model_name_or_path`` for a run: the hub id as configured, else the absolute local
+    directory holding HF weights (a ``pkg:`` model resolved, a GGUF model's converted cache, a
+    random-init run's ``base/``)."""
+    from finetune.models import _is_local, source_dir
+    from finetune.rundir import RunDir
+
+    run = RunDir(run_path)
+    if run.base.is_dir():
+        return str(run.base.resolve())
+    if cfg.model.get("init") == "random" or not cfg.model.get("path"):
+        return None
+    src = source_dir(cfg.model)
+    return str(Path(src).expanduser().resolve()) if _is_local(src) else src
+
+
+def export_run(run_dir: str | Path, format: str = "peft", out: str | Path | None = None,
+               as_lora: bool = False) -> Path:
+    """``finetune export RUN_DIR --format peft --out DIR``: load the run's base with its trained
+    adapter and write it with :func:`export_peft` (base name from :func:`run_base_name`)."""
+    from finetune.merge import load_run, run_config
+
+    if format not in FORMATS:
+        raise UserError(f"--format {format}: allowed: {', '.join(FORMATS)}")
+    if out is None:
+        raise UserError("--out is required: the directory to write the peft adapter to")
+    from finetune.rundir import CONFIG_FILE as RUN_CONFIG
+
+    if not (Path(run_dir) / RUN_CONFIG).is_file():
+        raise UserError(f"not a finetune run directory: {run_dir} (no {RUN_CONFIG}); "
+                        "`finetune export` takes the directory of a finished run")
+    cfg = run_config(Path(run_dir))
+    method = cfg.method.get("name")
+    if method == "full":  # refuse before loading anything heavy
+        raise UserError("full fine-tuning has no adapter to export in peft format; the run's merged "
+                        "model directory is the result (see `finetune merge`)")
+    if method == "mora" and not as_lora:
+        raise UserError("MoRA has no peft adapter format; use `finetune merge` for a merged model")
+    model, adapter, _, cfg = load_run(run_dir)
+    return export_peft(adapter, Path(out).expanduser(), run_base_name(cfg, Path(run_dir)), as_lora=as_lora)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,15 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def warn_if_not_launched(cfg) -> None:
+    """``finetune.train.train`` called directly (a sweep, a script) trains in this one process."""
+    import sys
+
+    if cfg.launcher.name != "none" and not in_launched_process() and (cfg.launcher.num_processes or 1) > 1:
+        print(f"finetune: warning: launcher={cfg.launcher.name} is not applied here: this run trains in one "
+              "process (`finetune train` launches several)", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Validation (at compose time)
 # --------------------------------------------------------------------------------------------
@@ -70,6 +79,9 @@ def check_launcher(cfg) -> None:
                         f"launcher.num_machines={l.num_machines} (it counts the processes of all machines)")
     if l.config_file and not Path(l.config_file).expanduser().is_file():
         raise UserError(f"launcher.config_file={l.config_file}: no such file")
+    if l.name in ("fsdp", "deepspeed") and cfg.model.quantize not in (None, "none"):
+        raise UserError(f"model.quantize={cfg.model.quantize} with launcher={l.name}: a 4/8-bit base is not "
+                        "sharded here; use launcher=ddp (every GPU holds the small quantized base)")
     if l.name == "deepspeed" and cfg.trainer.grad_accum > 1:
         raise UserError(f"trainer.grad_accum={cfg.trainer.grad_accum} with launcher=deepspeed: DeepSpeed's engine "
                         "steps after every backward here; use trainer.grad_accum=1 and a larger "
@@ -135,9 +147,10 @@ def child_args(overrides: list[str], config_dir: str | None, quiet: bool) -> lis
     return ["train", *overrides, *(["--config-dir", config_dir] if config_dir else []), *(["-q"] if quiet else [])]
 
 
-def launch_training(cfg, overrides: list[str], config_dir: str | None = None, quiet: bool = False) -> int:
+def launch_training(cfg, overrides: list[str], config_dir: str | None = None, quiet: bool = False) -> int | None:
     """Start the run's processes on this machine through Accelerate; wait; return the exit code
-    (that of the first process that failed, else 0)."""
+    (that of the first process that failed, else 0). None: one process in all, which needs no
+    launcher (train here)."""
     import torch
 
     from finetune.resume import RUN_DIR_ENV, decide_output_dir, plan
@@ -146,6 +159,8 @@ def launch_training(cfg, overrides: list[str], config_dir: str | None = None, qu
     device = device_type(cfg.trainer)
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     n = plan_processes(cfg, device, gpus)
+    if n == 1 and cfg.launcher.num_machines == 1:
+        return None
     env = {}
     if cfg.launcher.machine_rank == 0:
         run_dir = decide_output_dir(cfg)
@@ -172,8 +187,10 @@ def run_accelerate(args: list[str], env: dict[str, str]) -> int:
     try:
         launch_command(launch_command_parser().parse_args(args))
         return 0
-    except Exception as e:  # torchrun's ChildFailedError, or the simple launcher's CalledProcessError
-        return _exit_code(e)
+    except Exception as e:
+        if not any(hasattr(e, a) for a in ("failures", "sigval", "returncode")):
+            raise  # not a process that failed or a signal: a bug, with its traceback
+        return _exit_code(e)  # torchrun's ChildFailedError / SignalException, CalledProcessError
     finally:
         for k, v in saved.items():
             if v is None:

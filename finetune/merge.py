@@ -148,17 +148,21 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     stages.set_postfix_str("merge")
     with torch.no_grad():
         dequantized = dequantize_model(model)
-        adapter.merge()
+        # ΔW is added while writing (finetune.streaming): the adapter layers step aside unmerged, and
+        # each tensor is merged, converted to `dtype` and written on its own, so the peak stays near
+        # one copy of the model (no merged copy, no converted copy, no whole-shard buffer).
+        from finetune.streaming import adapter_deltas, save_merged
+
+        deltas = adapter_deltas(adapter)
         adapter.unwrap()
     stages.update(1)
     stages.set_postfix_str("save")
-    model.to(getattr(torch, dtype))
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.config.use_cache = True
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_merged(model, deltas, tmp, dtype)
     tokenizer.save_pretrained(tmp)
     marker = {"run": str(run.path), "method": adapter.method, "dtype": dtype, "base_quantized": quant,
               "merged_into": base}

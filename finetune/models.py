@@ -248,7 +248,24 @@ def load_model(cfg, device_type: str = "cpu", base_dir: str | None = None, dtype
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise UserError(f"model.path={cfg.path}: cannot load a model ({_first_line(e)}); "
                         "give a local Hugging Face directory or a hub id (network needed)") from None
+    if quant is not None:
+        keep_4bit_layout(model)
+    return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Pin every bitsandbytes 4-bit layer to its standard layout and exact compute path.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight in place the first time
+    it runs in eval mode without gradients, and from then on multiplies through a bf16 kernel that
+    has no autograd backward: a training step after an evaluation then gets silently wrong
+    gradients, eval logits drift from training ones, and the packed data no longer dequantizes
+    with ``dequantize_4bit``. Switching the repacking off keeps one path everywhere:
+    ``x @ dequant(W)ᵀ`` in the compute dtype (fp32), exactly what a merge reproduces."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

@@ -117,7 +117,7 @@ def _draw_size_panel(ax, series: dict, references: dict[str, list[float]], xlabe
                        color=line.get_color(), alpha=0.35, s=14)
         xs += x
     for name, values in sorted(references.items()):
-        ax.axhline(sum(values) / len(values), linestyle="--", color="0.4", linewidth=1.2,
+        ax.axhline(sum(values) / len(values), linestyle="--", color="0.4", linewidth=1.2, zorder=1,
                    label=f"{name} (no rank)")
     _power_of_two_axis(ax, xs)
     ax.set_xlabel(xlabel)

@@ -96,7 +96,8 @@ class RunDir:
             if not overwrite:
                 hint = ("pass trainer.overwrite=true to replace it, or choose another output_dir"
                         if status == "finished" else
-                        "resume it, pass trainer.overwrite=true to start over, or choose another output_dir")
+                        "continue it with trainer.resume=auto, pass trainer.overwrite=true to start over, "
+                        "or choose another output_dir")
                 raise UserError(f"output_dir={p} already holds a {status} run; {hint}")
             self._clear()
         elif p.is_dir() and any(p.iterdir()):

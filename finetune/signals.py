@@ -24,12 +24,17 @@ class RunInterrupted(Exception):
 
 class StopSignals:
     """Install with ``install()``, remove with ``uninstall()``; ``received`` is the first signal
-    (a ``signal.Signals``) or None. Outside the main thread it does nothing."""
+    (a ``signal.Signals``) or None. Outside the main thread it does nothing.
 
-    def __init__(self):
+    ``escalate=False`` (processes started by torchrun): a second signal does not abort, because
+    the launcher follows a Ctrl-C with its own SIGTERM to every process; it sends SIGKILL after a
+    grace period anyway."""
+
+    def __init__(self, escalate: bool = True):
         self.received: signal.Signals | None = None
         self._previous: dict = {}
         self._abort = False
+        self.escalate = escalate
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -47,7 +52,7 @@ class StopSignals:
         self._abort = True
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None or self._abort:  # a second signal, or past the loop: stop now
+        if (self.received is not None and self.escalate) or self._abort:  # a second signal, or past the loop
             self.received = self.received or signal.Signals(signum)
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum)
+        self.received = self.received or signal.Signals(signum)

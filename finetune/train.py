@@ -26,6 +26,7 @@ from finetune.adapters.base import unfreeze_modules
 from finetune.config import method_settings, to_container, to_yaml
 from finetune.distributed import any_rank, broadcast_object, whole_parameters
 from finetune.resume import Start, abandon, open_run, resume_command
+from finetune.launch import in_launched_process, warn_if_not_launched
 from finetune.signals import RunInterrupted, StopSignals
 from finetune.environment import environment_info, peak_memory_mb, process_identity, reset_peak_memory
 from finetune.data import ExampleStream, collate, count_loss_tokens
@@ -140,6 +141,7 @@ def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str |
 
     t = cfg.trainer
     device = device_type(t)
+    warn_if_not_launched(cfg)
     # One run directory for all ranks, decided and written by the main process only.
     start = open_run(cfg, PartialState(cpu=device == "cpu"), overrides, method=cfg.method.name,
                      task=cfg.task.name, model=cfg.model.name, config_dir=config_dir, **process_identity())
@@ -150,7 +152,7 @@ def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str |
     say = (lambda *a: print(*a, flush=True)) if (main and not quiet) else (lambda *a: None)
     reset_peak_memory(device)
     start_time = time.time()
-    stop = StopSignals().install()
+    stop = StopSignals(escalate=not in_launched_process()).install()
     failure = None
     try:
         tracking.start(accelerator, cfg, run.path)
@@ -287,7 +289,8 @@ def _train(cfg, accelerator, run: RunDir, device: str, say, quiet: bool, tqdm, s
             out = merge_run(run.path, quiet=quiet)
             summary["merged"] = str(out)
             say(f"merged model:  {out}")
-    accelerator.wait_for_everyone()
+    # No barrier after the merge: the other ranks are done, and waiting for a long merge of a big
+    # model would run into the collectives' timeout.
     return summary
 
 

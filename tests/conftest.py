@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny model's matmuls are too small to gain from threads; one thread per process also keeps
+# the multi-process tests from oversubscribing a 2-core machine. Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def tiny_config(*overrides):

@@ -87,7 +87,7 @@ CASES = [
     (["eval", "{tmp}"], "{tmp}: neither a finetune run directory nor a model directory (config.json)"),
     pytest.param(["export", "{run}", "--format", "peft", "--out", "{out}"], "MoRA has no peft adapter format",
                  marks=NEEDS_EXPORT),
-    pytest.param(["export", "{tmp}", "--format", "peft", "--out", "{out}"], "not a finetune run directory",
+    pytest.param(["export", "{tmp}", "--format", "peft", "--out", "{out}"], "{tmp}: not a finetune run directory",
                  marks=NEEDS_EXPORT),
 ]
 

@@ -91,14 +91,14 @@ def test_no_pickle_in_a_checkpoint(tmp_path):
     ["method=full", "trainer.lr=1e-4"],
 ], ids=["lora-dropout", "remora", "full"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, method):
-    common = [*method, "trainer.max_steps=5", "trainer.save_every=3", "trainer.keep_checkpoints=0",
+    common = [*method, "trainer.max_steps=4", "trainer.save_every=3", "trainer.keep_checkpoints=0",
               "trainer.warmup_steps=2", "trainer.schedule=cosine"]
     train(config(tmp_path / "a", *common), quiet=True)
-    # ReMoRA triggered at steps 2 and 4: step-3 holds a merged base and type-2 layers.
+    # ReMoRA triggers at steps 2 and 4: step-3 holds a merged base and type-2 layers.
     train(config(tmp_path / "b", *common, f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'step-3'}"),
           quiet=True)
-    assert_same(weights(tmp_path / "a" / "checkpoints" / "step-5" / "weights.safetensors"),
-                weights(tmp_path / "b" / "checkpoints" / "step-5" / "weights.safetensors"))
+    assert_same(weights(tmp_path / "a" / "checkpoints" / "step-4" / "weights.safetensors"),
+                weights(tmp_path / "b" / "checkpoints" / "step-4" / "weights.safetensors"))
     assert_same(weights(tmp_path / "a" / "adapter.safetensors"), weights(tmp_path / "b" / "adapter.safetensors"))
     info = json.loads((tmp_path / "b" / "run.json").read_text())
     assert info["status"] == "finished" and info["resumed_from"].endswith("step-3")
@@ -108,7 +108,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, method):
 # A real kill, and signals
 # --------------------------------------------------------------------------------------------
 
-KILL_RUN = ["trainer.max_steps=12", "trainer.save_every=2", "trainer.batch_size=1", "method.dropout=0.1"]
+KILL_RUN = ["trainer.max_steps=10", "trainer.save_every=2", "trainer.batch_size=1", "method.dropout=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +145,12 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, unint
     proc.wait()
     assert status(run) == "running" and not (run / "adapter.safetensors").exists()  # killed mid-run
     killed_at = checkpoint.step_of(checkpoint.latest(run))
-    assert 2 <= killed_at < 12
+    assert 2 <= killed_at < 10
     result = train(config(run, *KILL_RUN, "trainer.resume=auto"), quiet=True)
     assert_same(uninterrupted, weights(run / "adapter.safetensors"))
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert steps == list(range(1, 13))  # the log reads as one run: the killed run's extra steps dropped
-    assert result["steps"] == 12 and status(run) == "finished"
+    assert steps == list(range(1, 11))  # the log reads as one run: the killed run's extra steps dropped
+    assert result["steps"] == 10 and status(run) == "finished"
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, uninterrupted):

@@ -22,7 +22,7 @@ from finetune.adapters.base import ALL_LINEAR, replace_module
 from finetune.adapters.lora import LoraLayer
 from finetune.errors import UserError
 from finetune.export import (BANK_KEY, CONFIG_FILE, WEIGHTS_FILE, base_module_names, check_payload,
-                             export_peft, import_peft, peft_payload)
+                             export_peft, export_run, import_peft, peft_payload)
 
 peft = pytest.importorskip("peft")
 
@@ -363,3 +363,35 @@ def test_import_rejects_unsupported_configs(tiny_model, tmp_path):
         import_peft(tiny_model, tmp_path)
     with pytest.raises(UserError, match="no adapter_config.json"):
         import_peft(tiny_model, tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------------------------
+# `finetune export RUN_DIR --format peft --out DIR` on a trained run
+# --------------------------------------------------------------------------------------------
+
+
+def test_export_run_of_a_trained_vblora_run(tmp_path):
+    """Train VB-LoRA for a few steps (top-k storage), export the run, load it in peft on the base
+    that the config names (the run's saved random-init base): logits equal our loaded run's."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from finetune.merge import load_run
+    from finetune.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config("method=vblora", "method.vector_length=32", "method.num_vectors=64",
+                      "method.save_only_topk=true", "task.num_pairs=4", "task.eval_limit=1", "task.max_new_tokens=2",
+                      "trainer.max_steps=3",
+                      "trainer.batch_size=2", "trainer.merge=false", f"output_dir={run}"), quiet=True)
+    out = export_run(run, "peft", tmp_path / "peft")
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert config["save_only_topk_weights"] is True and config["base_model_name_or_path"] == str((run / "base").resolve())
+    model, adapter, _, _ = load_run(run)
+    assert adapter.inference_only
+    x = ids()
+    ours = logits_of(model, x)
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    assert (logits_of(load_in_peft(base, out), x) - ours).abs().max() <= 1e-5
+    with pytest.raises(UserError, match="--format"):
+        export_run(run, "gguf", tmp_path / "x")

@@ -119,7 +119,8 @@ def records(run):
 def test_two_processes_with_accumulation_equal_one_process(tmp_path):
     # 2 processes × batch 1 × accumulation 2 == 1 process × batch 4: the same global batch.
     done = subprocess.run([sys.executable, "-m", "finetune", "train", *SMALL, "trainer.batch_size=1",
-                           "trainer.grad_accum=2", "launcher=ddp", "launcher.num_processes=2", "-q"],
+                           "trainer.grad_accum=2", "trainer.save_every=2", "launcher=ddp",
+                           "launcher.num_processes=2", "-q"],
                           env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     runs = list((tmp_path / "outputs" / "memorize" / "lora").iterdir())
@@ -138,6 +139,14 @@ def test_two_processes_with_accumulation_equal_one_process(tmp_path):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=0, msg=k)
     assert any(w1[k].abs().max() > 1e-4 for k in w1 if k.endswith("lora_B"))  # it did train
+
+    # The 2-process checkpoint of step 2 continues in 1 process (the same global batch) to the same end.
+    resumed = tmp_path / "resumed"
+    train(tiny_config(*SMALL, "trainer.batch_size=4", f"output_dir={resumed}",
+                      f"trainer.resume={two / 'checkpoints' / 'step-2'}"), quiet=True)
+    w3 = load_file(str(resumed / "adapter.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w3[k], atol=1e-5, rtol=0, msg=k)
 
 
 def test_a_refused_run_directory_stops_before_launching(tmp_path):

@@ -123,11 +123,20 @@ class AdapterLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        if not args and not kwargs:
+            out = self.fast_forward(x)
+            if out is not None:
+                return out
+        result = self.base_layer(x, *args, **kwargs)
         h = self.dropout(x.to(self.adapter_dtype))
         return result + self.branch(h).to(result.dtype)
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Optional: ``base_layer(x) + branch(drop(x))`` computed by an exact faster route
+        (:mod:`finetune.adapters.fast`), or None to use the generic path above."""
+        return None
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in fp32 (or fp64 if the adapter is fp64), in the storage layout of the base weight."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from finetune.adapters.base import ALL_LINEAR, Adapter, AdapterLayer, find_targets, inject, is_quantized
+from finetune.adapters.fast import low_rank_forward
 from finetune.adapters.mora import reset_optimizer_state, restart_schedule
 from finetune.errors import UserError
 
@@ -51,6 +52,9 @@ class LoraLayer(AdapterLayer):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        return low_rank_forward(self, x, self.lora_A, self.lora_B, self.scaling)
 
     def _delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling

@@ -28,6 +28,11 @@ the stored indices and −∞ elsewhere, and marks the adapter inference-only: a
 raises a :class:`UserError`. Training checkpoints use :meth:`VBLoraAdapter.training_state_dict`,
 which always holds full logits.
 
+**Speed.** A and B are never materialised as ΔW; the branch is two skinny matmuls as in LoRA. TKAM
+is vectorised (topk + softmax + one gather + a weighted sum, no loops over sub-vectors), and
+:class:`VBLoraAdapter` runs it once per model forward for all layers together (see there). No
+dropout op is added when ``dropout`` is 0.
+
 **Counting** (§4.12). :meth:`VBLoraAdapter.num_stored` follows peft's ``get_nb_savable_parameters``
 ("float32-equivalent": full logits, or top-κ indices weighted by their byte size relative to fp32);
 :func:`count_params` / :meth:`VBLoraAdapter.param_counts` report all four conventions.
@@ -450,8 +455,7 @@ def attach(model: nn.Module, rank: int = 4, num_vectors: int = 256, vector_lengt
     modules = {n: model.get_submodule(n) for n in names}
     check_divisible({n: layer_shape(m)[:2] for n, m in modules.items()}, vector_length)
 
-    ref = next(iter(modules.values())).weight
-    device = ref.device
+    device = next(next(iter(modules.values())).parameters()).device
     bank = torch.empty(num_vectors, vector_length, device=device, dtype=torch.float32)
     nn.init.uniform_(bank, -init_bank_bound, init_bank_bound)
     setattr(model, BANK_ATTR, nn.Parameter(bank))

@@ -19,7 +19,7 @@ def data_source(cfg, default_path: str | None = None, default_name: str | None =
     """``task.data`` as a :class:`Source`; a null path means the task's default hub dataset."""
     d = cfg.data
     if d.path is None and default_path is None:
-        raise UserError(f"task.data.path is empty: give a local file or folder, or a hub dataset id")
+        raise UserError("task.data.path is empty: give a local file or folder, or a hub dataset id")
     name = d.name if (d.path is not None or d.name is not None) else default_name
     return Source(d.path or default_path, name, d.split, d.revision, d.limit, key="task.data.path")
 

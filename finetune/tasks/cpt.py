@@ -107,7 +107,6 @@ class Task:
                 keep, out = holdout_split(len(rows), self.cfg.eval_holdout, self.where)
                 self._train, self._eval = rows.select(keep), rows.select(out)
             else:
-                held = Source(held.path, held.name, held.split, key="task.eval_path")
                 self._train = rows
                 self._eval = blocks(self.documents(held), self.cfg.max_length, self.cfg.packing)
         return self._train, self._eval

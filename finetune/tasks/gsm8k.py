@@ -35,7 +35,7 @@ from fractions import Fraction
 from finetune.errors import UserError
 from finetune.examples import load_examples
 from finetune.formatting import alpaca_prompt, completion_row, prompt_ids
-from finetune.sources import Source, fingerprint, load_records, require_fields
+from finetune.sources import Source, fingerprint, is_local, load_records, require_fields
 from finetune.tasks.common import data_source, eval_source, finish, first, holdout_split
 
 FORMAT_VERSION = 1
@@ -165,7 +165,9 @@ class Task:
         return self._rows
 
     def holding_out(self) -> bool:
-        return self.cfg.eval_path is None and self.cfg.data.path is not None
+        """Without task.eval_path, local training data gives up its last records for evaluation;
+        hub training data is evaluated on the hub's GSM8K test split."""
+        return self.cfg.eval_path is None and is_local(self.source.path)
 
     def train_examples(self):
         rows = self.all_rows()
