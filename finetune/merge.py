@@ -148,13 +148,8 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     stages.set_postfix_str("merge")
     with torch.no_grad():
         dequantized = dequantize_model(model)
-        # ΔW is added while writing (finetune.streaming): the adapter layers step aside unmerged, and
-        # each tensor is merged, converted to `dtype` and written on its own, so the peak stays near
-        # one copy of the model (no merged copy, no converted copy, no whole-shard buffer).
-        from finetune.streaming import adapter_deltas, save_merged
-
-        deltas = adapter_deltas(adapter)
-        adapter.unwrap()
+        # ΔW is added while writing (finetune.streaming.save_merged, below): each tensor is merged,
+        # converted to `dtype` and written on its own, so the peak stays near one copy of the model.
     stages.update(1)
     stages.set_postfix_str("save")
     if getattr(model.config, "quantization_config", None) is not None:
@@ -162,7 +157,9 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     model.config.use_cache = True
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_merged(model, deltas, tmp, dtype)
+    from finetune.streaming import save_merged
+
+    save_merged(model, adapter, tmp, dtype)
     tokenizer.save_pretrained(tmp)
     marker = {"run": str(run.path), "method": adapter.method, "dtype": dtype, "base_quantized": quant,
               "merged_into": base}

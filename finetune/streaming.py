@@ -2,7 +2,8 @@
 one copy of the model.
 
 The base model stays as loaded (frozen weights, memory-mapped from their safetensors file where
-transformers does that) and the adapter stays unmerged. For every tensor of the model's state dict,
+transformers does that) and the adapter stays unmerged: its layers step aside (the model's own modules
+are put back, as ``Adapter.unwrap`` does) but still compute ΔW. For every tensor of the state dict,
 in order, :func:`save_merged` computes ``W + ΔW`` in fp32 for the adapted weights (``ΔW`` from the
 adapter layers, :meth:`AdapterLayer.delta_weight`) or takes ``W`` as it is, converts it to the output
 dtype, writes it to the open safetensors shard and lets it go: the only extra memory is one tensor.
@@ -40,10 +41,11 @@ def adapter_deltas(adapter) -> dict[int, list]:
     return out
 
 
-def _state_to_save(model) -> dict[str, torch.Tensor] | None:
+def _state_to_save(model, exclude: set[int]) -> dict[str, torch.Tensor] | None:
     """The tensors ``save_pretrained`` would write, under its names, or None when they are not the
-    model's own tensors (weight conversions to revert: use ``save_pretrained`` then)."""
-    state = model.state_dict(keep_vars=True)
+    model's own tensors (weight conversions to revert: use ``save_pretrained`` then). Tensors whose
+    id is in ``exclude`` (an adapter's shared tensors registered on the model) are left out."""
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in exclude}
     try:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
     except ImportError:
@@ -104,24 +106,27 @@ def _nbytes(shape, dt: torch.dtype) -> int:
     return n * torch.empty((), dtype=dt).element_size()
 
 
-def save_merged(model, deltas: dict[int, list], directory: str | Path, dtype: str | torch.dtype = "float32",
+def save_merged(model, adapter, directory: str | Path, dtype: str | torch.dtype = "float32",
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
-    """Write ``model`` (adapter layers unwrapped, unmerged) with ``deltas`` added, in ``dtype``, as a
-    Hugging Face model directory. Returns ``"streamed"``, or ``"save_pretrained"`` for the fallback."""
+    """Write ``model`` with ``adapter`` (attached, unmerged) merged into it, in ``dtype``, as a Hugging
+    Face model directory; afterwards the model is plain (the adapter unwrapped, as after
+    ``adapter.merge(); adapter.unwrap()``, but its weights stay unmerged in memory). Returns
+    ``"streamed"``, or ``"save_pretrained"`` when the model needs the in-place fallback."""
+    from finetune.adapters.base import replace_module
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    state = None if getattr(model.config, "auto_map", None) else _state_to_save(model)
+    deltas = adapter_deltas(adapter)
+    for name, layer in getattr(adapter, "layers", {}).items():
+        replace_module(model, name, layer.base_layer)  # step aside; the layer still computes ΔW
+    shared = {id(p) for p in getattr(adapter, "shared", {}).values()}
+    state = None if getattr(model.config, "auto_map", None) else _state_to_save(model, shared)
+    items = [] if state is None else [(k, tuple(v.shape), _out_dtype(v, dtype)) for k, v in state.items()]
     with torch.no_grad():
-        if state is None:
-            _merge_in_place(model, deltas)
-            model.to(dtype)
-            model.save_pretrained(directory, safe_serialization=True)
-            return "save_pretrained"
-        names = list(state)
-        items = [(k, tuple(state[k].shape), _out_dtype(state[k], dtype)) for k in names]
-        if any(dt not in SAFETENSORS_DTYPES for _, _, dt in items):
-            _merge_in_place(model, deltas)
+        if state is None or any(dt not in SAFETENSORS_DTYPES for _, _, dt in items):
+            adapter.merge()
+            adapter.unwrap()
             model.to(dtype)
             model.save_pretrained(directory, safe_serialization=True)
             return "save_pretrained"
@@ -152,6 +157,7 @@ def save_merged(model, deltas: dict[int, list], directory: str | Path, dtype: st
         if len(files) > 1:
             (directory / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    adapter.unwrap()
     return "streamed"
 
 
@@ -168,10 +174,3 @@ def _merged_tensor(t: torch.Tensor, deltas: dict[int, list]) -> torch.Tensor:
     if not torch.isfinite(merged).all():
         raise RuntimeError("merge produced non-finite weights; nothing was written for this model")
     return merged
-
-
-def _merge_in_place(model, deltas: dict[int, list]) -> None:
-    for p in list(model.parameters()):
-        layers = deltas.get(id(p))
-        if layers:
-            p.data.copy_(_merged_tensor(p, deltas).to(p.dtype))

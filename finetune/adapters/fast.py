@@ -156,3 +156,164 @@ def low_rank_forward(layer, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
     if result.dtype != A.dtype or result.shape[:-1] != x.shape[:-1]:
         return result + (layer.branch(h).to(result.dtype))
     return _AddLowRank.apply(result, h, A, B, float(scale))
+
+
+# --------------------------------------------------------------------------------------------
+# MoRA types 1 and 6 (methods.md §2.3) without materialising padded, rotated or tiled copies
+# --------------------------------------------------------------------------------------------
+
+
+class MoraPlan:
+    """Index bookkeeping of one MoRA layer, computed once per (type, k, d, r̂).
+
+    ``blocks[b]`` lists the contiguous runs ``(src, length, offset)`` of input block b of the
+    cyclically padded input: x̃[b·r̂ + offset + i] = x[src + i] (a block straddling the wrap, or
+    r̂ > k, has several runs). Type 6 uses the first ``ceil(d / r̂)`` blocks (at most N_in), type 1
+    all N_in blocks. ``period`` is the output period: L = (used blocks)·r̂ for type 6, r̂ for type 1.
+    """
+
+    def __init__(self, mora_type: int, k: int, d: int, r_hat: int, n_blocks: int):
+        self.mora_type, self.k, self.d, self.r_hat = mora_type, k, d, r_hat
+        used = min(n_blocks, -(-d // r_hat)) if mora_type == 6 else n_blocks
+        self.blocks = [self._runs(b) for b in range(used)]
+        self.period = used * r_hat if mora_type == 6 else r_hat
+
+    def _runs(self, b: int) -> list[tuple[int, int, int]]:
+        runs, t, end = [], b * self.r_hat, (b + 1) * self.r_hat
+        while t < end:
+            src = t % self.k
+            length = min(end - t, self.k - src)
+            runs.append((src, length, t - b * self.r_hat))
+            t += length
+        return runs
+
+    def tiles(self):
+        """(start, length) of the output tiles: y[start + i] = u[i] for i < length."""
+        return [(s, min(self.period, self.d - s)) for s in range(0, self.d, self.period)]
+
+
+def _fold(g2: torch.Tensor, plan: MoraPlan) -> torch.Tensor:
+    """Σ over output tiles of g (the adjoint of tiling/cropping), (n, min(period, d))."""
+    tiles = plan.tiles()
+    if len(tiles) == 1:
+        return g2
+    folded = g2[:, :plan.period].clone()
+    for start, length in tiles[1:]:
+        folded[:, :length].add_(g2[:, start:start + length])
+    return folded
+
+
+class _Mora(torch.autograd.Function):
+    """``base(x) + g(h)`` for MoRA type 6 (``T`` = the per-block products P_b = M·R_b, shape
+    (blocks, r̂, r̂)) or type 1 (``T`` = M). With ``weight`` given, the base is the frozen dense
+    ``x Wᵀ + b`` computed here; otherwise ``result`` is the base output."""
+
+    @staticmethod
+    def forward(ctx, x, h, result, weight, bias, T, plan):
+        x2 = _rows(x)
+        same = h is x
+        h2 = x2 if same else _rows(h)
+        n, r = h2.shape[0], plan.r_hat
+        if weight is not None:
+            out = torch.mm(x2, weight.T) if bias is None else torch.addmm(bias, x2, weight.T)
+        else:
+            out = _rows(result).clone()
+        saved_c = None
+        if plan.mora_type == 6:
+            if plan.period >= plan.d:  # every output element comes from one block: add in place
+                for b, runs in enumerate(plan.blocks):
+                    rows = min(r, plan.d - b * r)
+                    o = out[:, b * r:b * r + rows]
+                    for src, length, off in runs:
+                        o.addmm_(h2[:, src:src + length], T[b, :rows, off:off + length].T)
+            else:  # outputs repeat with period L: compute u once, add it per tile
+                u = h2.new_empty(n, plan.period)
+                for b, runs in enumerate(plan.blocks):
+                    ub = u[:, b * r:(b + 1) * r]
+                    for i, (src, length, off) in enumerate(runs):
+                        ub.addmm_(h2[:, src:src + length], T[b, :, off:off + length].T, beta=0 if i == 0 else 1)
+                for start, length in plan.tiles():
+                    out[:, start:start + length].add_(u[:, :length])
+        else:  # type 1: c = Σ_b x̃_b, then M·c, tiled with period r̂
+            c = h2.new_zeros(n, r)
+            for runs in plan.blocks:
+                for src, length, off in runs:
+                    c[:, off:off + length].add_(h2[:, src:src + length])
+            hm = torch.mm(c, T.T)
+            for start, length in plan.tiles():
+                out[:, start:start + length].add_(hm[:, :length])
+            saved_c = c
+        ctx.save_for_backward(h2, weight, T, saved_c)
+        ctx.plan, ctx.same, ctx.x_shape, ctx.h_shape = plan, same, x.shape, h.shape
+        ctx.has_weight = weight is not None
+        return out.view(*x.shape[:-1], plan.d)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        h2, weight, T, c = ctx.saved_tensors
+        plan, r = ctx.plan, ctx.plan.r_hat
+        g2 = _rows(g)
+        need_x, need_h, need_result, _, _, need_T, _ = ctx.needs_input_grad
+        grad_x = grad_h = grad_result = grad_T = None
+        if need_result:
+            grad_result = g
+        if ctx.has_weight and need_x:
+            grad_x = torch.mm(g2, weight)
+        gin = None  # where the branch's input gradient goes
+        if need_h or (ctx.same and need_x):
+            if ctx.same and grad_x is not None:
+                gin = grad_x
+            else:
+                gin = h2.new_zeros(h2.shape)
+        folded = _fold(g2, plan)
+        if plan.mora_type == 6:
+            if need_T:
+                grad_T = torch.zeros_like(T)
+            for b, runs in enumerate(plan.blocks):
+                rows = min(r, plan.d - b * r) if plan.period >= plan.d else r
+                gb = folded[:, b * r:b * r + rows]
+                for src, length, off in runs:
+                    if need_T:
+                        grad_T[b, :rows, off:off + length] = torch.mm(gb.T, h2[:, src:src + length])
+                    if gin is not None:
+                        gin[:, src:src + length].addmm_(gb, T[b, :rows, off:off + length])
+        else:
+            gh = folded[:, :r] if folded.shape[1] >= r else torch.nn.functional.pad(folded, (0, r - folded.shape[1]))
+            if need_T:
+                grad_T = torch.mm(gh.T, c)
+            if gin is not None:
+                gc = torch.mm(gh, T)
+                for runs in plan.blocks:
+                    for src, length, off in runs:
+                        gin[:, src:src + length].add_(gc[:, off:off + length])
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_h and gin is not None and not (ctx.same and grad_x is not None):
+            grad_h = gin.view(ctx.h_shape)
+        elif ctx.same and need_x and grad_x is None and gin is not None:
+            grad_x = gin.view(ctx.x_shape)  # base given as ``result``: x's branch gradient only
+        return grad_x, grad_h, grad_result, None, None, grad_T, None
+
+
+def mora_forward(layer, x: torch.Tensor):
+    """``layer.base_layer(x) + g(drop(x))`` for a MoRA layer of type 1 or 6 through :class:`_Mora`,
+    or ``None`` where the fast path does not apply (the caller then takes the generic path)."""
+    M = layer.mora_M
+    if layer.mora_type not in (1, 6) or not same_dtype(x, M) or autocast_on(x) or x.device != M.device:
+        return None
+    key = (layer.mora_type, layer.in_features, layer.out_features, layer.r_hat, layer.n_blocks)
+    plan = layer.__dict__.get("_fast_plan")
+    if plan is None or plan[0] != key:
+        plan = (key, MoraPlan(*key))
+        layer.__dict__["_fast_plan"] = plan
+    plan = plan[1]
+    T = layer.rope_products(len(plan.blocks)) if layer.mora_type == 6 else M
+    base = layer.base_layer
+    h = layer.dropout(x)
+    if plain_linear(base) and same_dtype(x, base.weight):
+        return _Mora.apply(x, h, None, base.weight, base.bias, T, plan)
+    result = base(x)
+    if result.dtype != M.dtype or result.shape[:-1] != x.shape[:-1]:
+        return result + layer.branch(h).to(result.dtype)
+    return _Mora.apply(x, h, result, None, None, T, plan)
