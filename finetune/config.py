@@ -348,10 +348,12 @@ def absolute_paths(overrides: List[str]) -> List[str]:
     out = []
     for o in overrides:
         key, sep, value = o.partition("=")
-        local = value.startswith(("./", "../", "~")) or (value and os.path.exists(value)) or (
-            key.lstrip("+") == "output_dir" and value not in ("", "null"))
-        if sep and key.lstrip("+") in PATH_KEYS and local and "," not in value:
-            value = str(Path(value).expanduser().resolve())
+        quote = value[0] if value[:1] in ("'", '"') and len(value) > 1 and value[-1] == value[0] else ""
+        raw = value[1:-1] if quote else value
+        local = raw.startswith(("./", "../", "~")) or (raw and os.path.exists(raw)) or (
+            key.lstrip("+") == "output_dir" and raw not in ("", "null"))
+        if sep and key.lstrip("+") in PATH_KEYS and local and (quote or "," not in raw):
+            value = f"{quote}{Path(raw).expanduser().resolve()}{quote}"
         out.append(f"{key}{sep}{value}")
     return out
 

@@ -23,7 +23,7 @@ import torch
 
 from finetune import adapters, checkpoint, progress, tracking
 from finetune.adapters.base import unfreeze_modules
-from finetune.config import method_settings, to_container, to_yaml
+from finetune.config import method_settings, to_container
 from finetune.distributed import any_rank, broadcast_object, whole_parameters
 from finetune.resume import Start, abandon, open_run, resume_command
 from finetune.launch import in_launched_process, warn_if_not_launched

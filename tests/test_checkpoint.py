@@ -164,7 +164,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, uninterrupt
     lines = [line for line in err.splitlines() if line.startswith("finetune:")]
     assert len(lines) == 1, err
     assert lines[0].startswith("finetune: error: interrupted by SIGTERM after step ")
-    assert f"continue with: finetune train model=tiny method=lora" in lines[0]
+    assert "continue with: finetune train model=tiny method=lora" in lines[0]
     assert lines[0].endswith(f"output_dir={run} trainer.resume=auto")
     assert status(run) == "interrupted"
     step = int(lines[0].split("after step ")[1].split(";")[0])

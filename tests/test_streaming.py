@@ -95,3 +95,29 @@ def test_non_finite_merge_is_refused(tiny_model_cfg, tmp_path):
         next(iter(adapter.layers.values())).lora_B.fill_(float("inf"))
     with pytest.raises(RuntimeError, match="non-finite"):
         save_merged(model, adapter, tmp_path / "x", "float32")
+
+
+def test_fallback_and_full_fine_tuning_write_the_same(tiny_model_cfg, tmp_path, monkeypatch):
+    import finetune.streaming as streaming
+
+    model, adapter = adapted(tiny_model_cfg, "vblora")
+    assert save_merged(model, adapter, tmp_path / "streamed", "bfloat16") == "streamed"
+    assert not hasattr(model, "vblora_vector_bank")  # unwrapped: a plain model again
+    model, adapter = adapted(tiny_model_cfg, "vblora")
+    monkeypatch.setattr(streaming, "_state_to_save", lambda model, exclude: None)
+    assert save_merged(model, adapter, tmp_path / "fallback", "bfloat16") == "save_pretrained"
+    monkeypatch.undo()
+    a, b = tensors(tmp_path / "streamed"), tensors(tmp_path / "fallback")
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    from finetune.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model(tiny_model_cfg)
+    full = adapters.attach(model, "full", {})
+    assert save_merged(model, full, tmp_path / "full", "float32") == "streamed"
+    got = tensors(tmp_path / "full")
+    for k, v in model.state_dict().items():
+        if k in got:
+            assert torch.equal(got[k], v)
+    assert "lm_head.weight" not in got and "model.embed_tokens.weight" in got  # tied: written once

@@ -177,6 +177,10 @@ class MoraPlan:
         used = min(n_blocks, -(-d // r_hat)) if mora_type == 6 else n_blocks
         self.blocks = [self._runs(b) for b in range(used)]
         self.period = used * r_hat if mora_type == 6 else r_hat
+        # Leading blocks that are plain slices of x (no wrap) and, when outputs do not repeat,
+        # reach the output uncropped: type 6 handles them in one batched GEMM.
+        limit = k if self.period < d else min(k, d)
+        self.whole = min(used, limit // r_hat)
 
     def _runs(self, b: int) -> list[tuple[int, int, int]]:
         runs, t, end = [], b * self.r_hat, (b + 1) * self.r_hat
@@ -190,6 +194,11 @@ class MoraPlan:
     def tiles(self):
         """(start, length) of the output tiles: y[start + i] = u[i] for i < length."""
         return [(s, min(self.period, self.d - s)) for s in range(0, self.d, self.period)]
+
+
+def _blocks(t: torch.Tensor, count: int, r: int) -> torch.Tensor:
+    """The first ``count`` blocks of r columns of a (n, ·) matrix as a (count, n, r) strided view."""
+    return t[:, :count * r].unflatten(1, (count, r)).transpose(0, 1)
 
 
 def _fold(g2: torch.Tensor, plan: MoraPlan) -> torch.Tensor:
@@ -220,18 +229,18 @@ class _Mora(torch.autograd.Function):
             out = _rows(result).clone()
         saved_c = None
         if plan.mora_type == 6:
-            if plan.period >= plan.d:  # every output element comes from one block: add in place
-                for b, runs in enumerate(plan.blocks):
-                    rows = min(r, plan.d - b * r)
-                    o = out[:, b * r:b * r + rows]
-                    for src, length, off in runs:
-                        o.addmm_(h2[:, src:src + length], T[b, :rows, off:off + length].T)
-            else:  # outputs repeat with period L: compute u once, add it per tile
-                u = h2.new_empty(n, plan.period)
-                for b, runs in enumerate(plan.blocks):
-                    ub = u[:, b * r:(b + 1) * r]
-                    for i, (src, length, off) in enumerate(runs):
-                        ub.addmm_(h2[:, src:src + length], T[b, :, off:off + length].T, beta=0 if i == 0 else 1)
+            w = plan.whole
+            tiled = plan.period < plan.d  # outputs repeat with period L: compute u once, add per tile
+            u = h2.new_empty(n, plan.period) if tiled else out
+            if w:  # u_b = P_b·x_b for the leading whole blocks in one batched GEMM, in place
+                _blocks(u, w, r).baddbmm_(_blocks(h2, w, r), T[:w].transpose(1, 2), beta=0 if tiled else 1)
+            for b in range(w, len(plan.blocks)):
+                rows = r if tiled else min(r, plan.d - b * r)
+                ub = u[:, b * r:b * r + rows]
+                for i, (src, length, off) in enumerate(plan.blocks[b]):
+                    ub.addmm_(h2[:, src:src + length], T[b, :rows, off:off + length].T,
+                              beta=0 if (tiled and i == 0) else 1)
+            if tiled:
                 for start, length in plan.tiles():
                     out[:, start:start + length].add_(u[:, :length])
         else:  # type 1: c = Σ_b x̃_b, then M·c, tiled with period r̂
@@ -260,20 +269,26 @@ class _Mora(torch.autograd.Function):
             grad_result = g
         if ctx.has_weight and need_x:
             grad_x = torch.mm(g2, weight)
-        gin = None  # where the branch's input gradient goes
-        if need_h or (ctx.same and need_x):
-            if ctx.same and grad_x is not None:
-                gin = grad_x
-            else:
-                gin = h2.new_zeros(h2.shape)
+        # Where the branch's input gradient goes: into the base's g·W in place when the branch input
+        # is x itself; otherwise a tensor of its own for h (autograd adds it to x's gradient when
+        # h is x and the base ran outside, as ``result``).
+        fused_into_x = ctx.same and grad_x is not None
+        gin = grad_x if fused_into_x else (h2.new_zeros(h2.shape) if need_h else None)
         folded = _fold(g2, plan)
         if plan.mora_type == 6:
+            w = plan.whole
             if need_T:
                 grad_T = torch.zeros_like(T)
-            for b, runs in enumerate(plan.blocks):
+            if w:
+                gw = _blocks(folded, w, r)
+                if need_T:
+                    torch.bmm(gw.transpose(1, 2), _blocks(h2, w, r), out=grad_T[:w])
+                if gin is not None:
+                    _blocks(gin, w, r).baddbmm_(gw, T[:w])
+            for b in range(w, len(plan.blocks)):
                 rows = min(r, plan.d - b * r) if plan.period >= plan.d else r
                 gb = folded[:, b * r:b * r + rows]
-                for src, length, off in runs:
+                for src, length, off in plan.blocks[b]:
                     if need_T:
                         grad_T[b, :rows, off:off + length] = torch.mm(gb.T, h2[:, src:src + length])
                     if gin is not None:
@@ -289,10 +304,8 @@ class _Mora(torch.autograd.Function):
                         gin[:, src:src + length].add_(gc[:, off:off + length])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
-        if need_h and gin is not None and not (ctx.same and grad_x is not None):
+        if gin is not None and not fused_into_x:
             grad_h = gin.view(ctx.h_shape)
-        elif ctx.same and need_x and grad_x is None and gin is not None:
-            grad_x = gin.view(ctx.x_shape)  # base given as ``result``: x's branch gradient only
         return grad_x, grad_h, grad_result, None, None, grad_T, None
 
 

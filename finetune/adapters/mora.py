@@ -46,6 +46,7 @@ from torch import nn
 
 from finetune.adapters.base import (ALL_LINEAR, Adapter, AdapterLayer, _is_bnb, _is_conv1d, find_targets,
                                     inject, is_quantized)
+from finetune.adapters.fast import mora_forward
 from finetune.errors import UserError
 
 TYPES = (1, 2, 3, 4, 6)
@@ -311,6 +312,20 @@ class MoraLayer(AdapterLayer):
         b, j = t // r_hat, t % r_hat
         cols = (b.unsqueeze(1) * r_hat + torch.arange(r_hat, device=dev)) % k
         return torch.zeros(d, k, dtype=M.dtype, device=dev).scatter_add_(1, cols, MR[b, j])
+
+    def rope_products(self, nb: int) -> torch.Tensor:
+        """Type 6: the per-block matrices P_b = M·R_b for b < nb, shape (nb, r̂, r̂), differentiable
+        in M (the forward applies u_b = P_b·x̃_b, the same linear map as M·(R_b·x̃_b))."""
+        M = self.mora_M
+        cos, sin = self.rope_cos[:nb].to(M.dtype), self.rope_sin[:nb].to(M.dtype)
+        scaled = M.unsqueeze(0) * sin.unsqueeze(1)
+        half = self.r_hat // 2
+        return M.unsqueeze(0) * cos.unsqueeze(1) + torch.cat([scaled[..., half:], -scaled[..., :half]], dim=-1)
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Types 1 and 6 through :func:`finetune.adapters.fast.mora_forward` (no padded, rotated or
+        tiled copies of the activations); other types, and other dtypes, take the generic path."""
+        return mora_forward(self, x)
 
     # -- ReMoRA (§3 steps 1-2) ---------------------------------------------------------------
     @torch.no_grad()
