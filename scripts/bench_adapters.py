@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(ALL_VARIANTS),
                    help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (base is always run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (default); cpu: this process's CPU time, much less sensitive "
+                        "to other processes on a shared machine (use it with --threads 1)")
     p.add_argument("--out", default="bench_adapters.json", help="JSON results file")
     p.add_argument("--markdown", default=None, help="also write the Markdown table to this file")
     args = p.parse_args(argv)
@@ -185,21 +188,22 @@ def build_variant(name: str, base, device: str):
 # --------------------------------------------------------------------------------------------
 
 
-def make_step(model, optimizer, ids, device: str):
+def make_step(model, optimizer, ids, device: str, clock: str = "wall"):
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    now = time.process_time if clock == "cpu" else time.perf_counter
 
     def step() -> float:
         sync()
-        start = time.perf_counter()
+        start = now()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         sync()
-        return time.perf_counter() - start
+        return now() - start
 
     return step
 
@@ -211,6 +215,8 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and args.clock == "cpu":
+        sys.exit("--clock cpu measures CPU time: use --clock wall with --device cuda")
     if any(v.startswith("peft") for v in args.variants):
         try:
             import peft  # noqa: F401
@@ -231,7 +237,7 @@ def run(args) -> dict:
     variants, descriptions = {}, {}
     for name in args.variants:
         model, optimizer, desc = build_variant(name, base, args.device)
-        variants[name] = make_step(model, optimizer, ids, args.device)
+        variants[name] = make_step(model, optimizer, ids, args.device, args.clock)
         descriptions[name] = desc
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"  {name:<12} {desc}; {trainable:,} trainable parameters", flush=True)
@@ -269,7 +275,8 @@ def run(args) -> dict:
     except OSError:
         pass
     return {"hardware": info, "model": args.model, "batch": args.batch, "seq": args.seq,
-            "warmup": args.warmup, "reps": args.reps, "dtype": "float32", "results": results}
+            "warmup": args.warmup, "reps": args.reps, "dtype": "float32", "clock": args.clock,
+            "results": results}
 
 
 def _iqr(values: list[float]) -> list[float]:
@@ -283,7 +290,8 @@ def markdown(report: dict) -> str:
     hw = report["hardware"]
     res = report["results"]
     lines = [f"Model {report['model']}, batch {report['batch']}×{report['seq']} tokens, fp32, "
-             f"{report['reps']} interleaved rounds after {report['warmup']} warm-up steps; "
+             f"{report['reps']} interleaved rounds after {report['warmup']} warm-up steps, "
+             f"{'CPU' if report.get('clock') == 'cpu' else 'wall-clock'} time; "
              f"{hw['cpu']}, {hw.get('affinity_cpus', hw['logical_cpus'])} CPUs, {hw['torch_threads']} torch "
              f"threads{', GPU ' + hw['gpu'] if hw.get('gpu') else ''}; torch {hw['torch']}"
              f"{', peft ' + hw['peft'] if hw.get('peft') else ''}; load average "

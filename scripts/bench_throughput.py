@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--data", default=DATA, help="GSM8K training records, jsonl {question, answer}")
     p.add_argument("--model", default="smollm2-135m", help="a `model` config option")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=15, help="optimizer steps per run")
     p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of tokens/s")
     p.add_argument("--reps", type=int, default=3, help="runs of each system, alternating")
     p.add_argument("--batch-size", type=int, default=8, help="baseline: examples per step")
@@ -211,7 +211,7 @@ def run_finetune(args, spec: dict, rows: int, rep: int, work: Path, env: dict) -
         f"trainer.batch_size={rows}", "trainer.grad_accum=1", f"trainer.max_steps={args.steps}",
         f"trainer.lr={args.lr}", "trainer.schedule=linear", "trainer.warmup_steps=0",
         "trainer.weight_decay=0.0", "trainer.max_grad_norm=1.0", f"trainer.loss_chunk={args.loss_chunk}",
-        f"trainer.seed={spec['seed']}", f"trainer.device={args.device}", "trainer.merge=false",
+        f"trainer.seed={spec['seed']}", f"trainer.device={args.device}", "trainer.merge=false", "logger=none",
         "trainer.overwrite=true", f"output_dir={out}", *args.finetune_override]
     cmd = [sys.executable, "-m", "finetune", "train", "-q", *overrides]
     res = run_measured(cmd, work / f"finetune-{rep}.log", env=env, timeout=args.timeout)

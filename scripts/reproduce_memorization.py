@@ -162,7 +162,7 @@ def run_overrides(args, name: str, rank: int | None, out_dir: Path) -> list[str]
             f"trainer.batch_size={args.batch_size}", f"trainer.grad_accum={args.grad_accum}",
             f"trainer.lr={lr}", "trainer.schedule=linear", f"trainer.warmup_steps={warmup}",
             "trainer.weight_decay=0.0", f"trainer.eval_every={args.eval_every}", f"trainer.seed={args.seed}",
-            f"trainer.device={args.device}", "trainer.merge=false", "trainer.overwrite=true",
+            f"trainer.device={args.device}", "trainer.merge=false", "trainer.overwrite=true", "logger=none",
             f"output_dir={out_dir}"]
 
 
