@@ -115,7 +115,20 @@ def dequantize_model(model) -> int:
                 del config.quantization_config
             if getattr(config, "_is_quantized", False):
                 config._is_quantized = False
+        # A base loaded from a bitsandbytes checkpoint (a quantized run's saved RUN_DIR/base) carries
+        # the loader's deserialization steps, which cannot be reverted when saving dense weights.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [c for c in conversions if _reversible(c)]
     return len(names)
+
+
+def _reversible(conversion) -> bool:
+    try:
+        conversion.reverse_transform()
+    except NotImplementedError:
+        return False
+    return True
 
 
 MERGE_BASES = ("dequantized", "original")

@@ -113,6 +113,13 @@ def load_tokenizer(cfg):
     return tok
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -243,7 +250,10 @@ def load_model(cfg, device_type: str = "cpu", base_dir: str | None = None, dtype
         kwargs["revision"] = cfg.revision
     quant = quantization_config(cfg)
     if quant is not None:
-        kwargs["quantization_config"] = quant
+        # A run's saved base may already be a bitsandbytes checkpoint (a quantized run whose
+        # task.train_modules changed the base): it carries its own quantization settings.
+        if not (base_dir and '"quantization_config"' in _read_text(Path(base_dir) / "config.json")):
+            kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": 0} if device_type == "cuda" else {"": "cpu"}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation

@@ -20,11 +20,14 @@ reported ratio of a variant is the median over rounds of (its step time / the ba
 the same round); the median step times are reported too. Inputs are fixed random token ids
 (``--batch`` x ``--seq``), labels = inputs, the model's own causal-LM loss, fp32.
 
-    python scripts/bench_adapters.py                       # CPU, all threads torch picks
-    python scripts/bench_adapters.py --threads 2 --reps 20 --out bench.json --markdown bench.md
+    python scripts/bench_adapters.py                       # CPU, the threads torch picks, ≈ 10 min
+    python scripts/bench_adapters.py --threads 1 --clock cpu  # steadier on a shared machine
     python scripts/bench_adapters.py --device cuda
+    python scripts/bench_adapters.py --quick                # smoke test: 2 rounds, output under /tmp
 
-Results vary with the machine's load: run it on a quiet machine for numbers worth quoting.
+Writes docs/bench/adapters-<device>.json and .md (``--out PATH`` without suffix to choose; --quick:
+under /tmp unless --out is given) and prints the table. Results vary with the machine's load: run it
+on a quiet machine for numbers worth quoting; the load average at start and end is recorded.
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_OUT = ROOT / "docs" / "bench"
 
 OUR_METHODS = ("lora", "mora", "vblora")
 PEFT_METHODS = ("peft-lora", "peft-vblora")
@@ -64,9 +70,17 @@ def parse_args(argv=None):
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time (default); cpu: this process's CPU time, much less sensitive "
                         "to other processes on a shared machine (use it with --threads 1)")
-    p.add_argument("--out", default="bench_adapters.json", help="JSON results file")
-    p.add_argument("--markdown", default=None, help="also write the Markdown table to this file")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up step, 2 rounds, output under /tmp")
+    p.add_argument("--out", default=None,
+                   help="output path without suffix: writes .json and .md (default docs/bench/adapters-<device>)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.warmup, args.reps = 1, 2
+    if args.out is None:
+        args.out = str(DEFAULT_OUT / f"adapters-{args.device}" if not args.quick else
+                       Path(tempfile.gettempdir()) / "finetune-bench" / f"adapters-{args.device}-quick")
+    if args.reps < 1 or args.warmup < 0:
+        p.error("--reps must be >= 1 and --warmup >= 0")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(ALL_VARIANTS))
     if unknown:
@@ -325,11 +339,11 @@ def main(argv=None) -> int:
     table = markdown(report)
     print()
     print(table)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    if args.markdown:
-        Path(args.markdown).write_text(table)
-        print(f"wrote {args.markdown}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
 
 

@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", choices=("peft",), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
+    if args.quick and args.reps == p.get_default("reps"):
         args.reps = 1
     return args
 
@@ -166,6 +166,22 @@ def dir_mb(directory: Path) -> float:
     return sum(f.stat().st_size for f in weight_files(directory)) / 2**20
 
 
+def fp32_mb(directory: Path) -> float:
+    """The model's size in fp32 (how `finetune merge` and the peft baseline hold it in memory)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in weight_files(directory):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                shape = h.get_slice(k).get_shape()
+                count = 1
+                for d in shape:
+                    count *= d
+                n += count
+    return n * 4 / 2**20
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -221,7 +237,8 @@ def main(argv=None):
     summary["time_ratio"] = f["wall_s"] / p["wall_s"]
     summary["memory_ratio"] = f["peak_rss_mb"] / p["peak_rss_mb"]
     summary["merged_weights_mb"] = size
-    summary["finetune_peak_over_weights"] = f["peak_rss_mb"] / size if size else None
+    summary["model_fp32_mb"] = fp32 = fp32_mb(work / "merged-finetune")
+    summary["finetune_peak_minus_fp32_model_mb"] = f["peak_rss_mb"] - fp32
 
     rows = [["`finetune merge`", f"{f['wall_s']:.1f}", f"{f['peak_rss_mb']:,.0f}", "-"],
             [f"peft merge_and_unload + save_pretrained (base in {args.peft_load_dtype})", f"{p['wall_s']:.1f}",
@@ -236,7 +253,9 @@ def main(argv=None):
         f"({size:,.0f} MiB on disk). Median of {args.reps} alternating runs, each command in its own process "
         "(wall time includes Python start-up and imports).", "",
         md_table(["command", "wall s", "peak RSS MiB", "CUDA peak MiB"], rows), "",
-        f"finetune's peak is {summary['finetune_peak_over_weights']:.2f}x the merged weights' size. "
+        f"The model in fp32, as both load it: {fp32:,.0f} MiB; finetune's peak is that plus "
+        f"{summary['finetune_peak_minus_fp32_model_mb']:,.0f} MiB (Python, torch, transformers, tokenizer, "
+        "one tensor in flight). "
         f"Outputs: same tensors: {check.get('same_keys')}, largest difference "
         f"{diff if diff is not None else '?'} ({check.get('worst_tensor')}).", "",
         "Per run:", "",

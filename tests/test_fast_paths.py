@@ -141,7 +141,8 @@ def test_mora_fast_equals_generic(shape, mora_type, dropout):
     k, d, rank, r_hat = SHAPES[shape]
     if r_hat is not None and mora_type == 6:
         r_hat += r_hat % 2
-    layer = MoraLayer(base_layer(k, d), rank=rank, mora_type=mora_type, dropout=dropout, r_hat=r_hat).to(DT).train()
+    layer = MoraLayer(base_layer(k, d), rank=rank, mora_type=mora_type, dropout=dropout, r_hat=r_hat)
+    layer = layer.to(DT).train()
     with torch.no_grad():
         layer.mora_M.normal_()
     x = torch.randn(2, 3, k, dtype=DT, requires_grad=True)

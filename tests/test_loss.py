@@ -182,3 +182,17 @@ def test_config_key():
     assert tiny_config("trainer.loss_chunk=0").trainer.loss_chunk == 0
     with pytest.raises(UserError, match="trainer.loss_chunk=-1: must be >= 0"):
         tiny_config("trainer.loss_chunk=-1")
+
+
+def test_packed_rows_with_position_ids(tiny_model):
+    """Packed rows (finetune.data.pack: position ids restart per example, no padding mask)."""
+    adapter = adapted(tiny_model, "lora")
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 256, (2, 20), generator=g)
+    positions = torch.tensor([list(range(8)) + list(range(12)), list(range(15)) + list(range(5))])
+    labels = ids.clone()
+    labels[0, 8] = labels[1, 15] = -100  # the first token of each packed example has no loss
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+             "position_ids": positions}
+    params = adapter.parameters()
+    assert_same(loss_and_grads(tiny_model, params, batch, 6), loss_and_grads(tiny_model, params, batch, 0))

@@ -233,3 +233,41 @@ def test_evaluation_does_not_change_the_4bit_training_path(tmp_path):
         grads.append([p.grad for p in adapter.parameters()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_attach_also_pins_the_4bit_layout_of_models_loaded_elsewhere(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune import adapters
+    from finetune.models import load_model, quantization_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config("model.quantize=4bit").model
+    load_model(cfg, save_base=tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization_config(cfg),
+                                                 device_map={"": "cpu"})
+    adapters.attach(model, "mora", dict(rank=4, targets=["q_proj"]))
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(layers) == 14 and not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+def test_quantized_base_with_fully_trained_modules_merges(tmp_path):
+    """task.train_modules on a quantized base: RUN_DIR/base then holds the bitsandbytes checkpoint
+    with the trained norms; the merge dequantizes it (no original weights left: refused clearly)."""
+    from finetune.config import compose
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    cfg = compose(["model=tiny", "method=lora", "task=cpt", "model.quantize=4bit", "task.train_modules=[norm]",
+                   f"output_dir={out}", "trainer.max_steps=2", "trainer.batch_size=2", "task.max_length=64",
+                   "trainer.lr=1e-2"])
+    train(cfg, quiet=True)
+    merged = load_file(str(out / "merged" / "model.safetensors"))
+    model, adapter, _, _ = load_run(out)
+    assert torch.equal(merged["model.norm.weight"], model.model.norm.weight.detach().float())
+    assert not torch.equal(merged["model.norm.weight"], torch.ones_like(merged["model.norm.weight"]))
+    for name, layer in adapter.layers.items():
+        expected = dense_weight(layer.root_layer()) + layer.delta_weight()
+        assert (merged[f"{name}.weight"] - expected).abs().max().item() <= 1e-6
+    with pytest.raises(UserError, match="itself quantized"):
+        merge_run(out, tmp_path / "orig", base="original")

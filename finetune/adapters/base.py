@@ -67,6 +67,10 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if kind == "4bit":
         import bitsandbytes.functional as bnbf
 
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError(f"this {type(module).__name__} weight was repacked by bitsandbytes for its CPU "
+                               "inference kernel and no longer dequantizes exactly; load the model with "
+                               "finetune.models.load_model, or attach the adapter before any eval forward")
         return bnbf.dequantize_4bit(w.data, w.quant_state).float()
     if kind == "8bit":
         state = getattr(module, "state", None)
@@ -237,6 +241,12 @@ def inject(model: nn.Module, targets, make_layer: Callable[[str, nn.Module], Ada
     """Freeze the model, wrap every targeted module with ``make_layer(name, module)``."""
     for p in model.parameters():
         p.requires_grad_(False)
+    for module in model.modules():
+        # bitsandbytes would repack 4-bit weights for a bf16 CPU kernel without autograd at the first
+        # no-grad eval forward, after which gradients through them are wrong: keep the standard
+        # layout and exact path (as finetune.models.keep_4bit_layout does when loading).
+        if _is_bnb(module) == "4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     layers = {}
     for name in find_targets(model, targets):
         module = model.get_submodule(name)

@@ -294,7 +294,8 @@ class _Mora(torch.autograd.Function):
                     if gin is not None:
                         gin[:, src:src + length].addmm_(gb, T[b, :rows, off:off + length])
         else:
-            gh = folded[:, :r] if folded.shape[1] >= r else torch.nn.functional.pad(folded, (0, r - folded.shape[1]))
+            # d < r̂: the outputs beyond d do not exist, their gradient is 0
+            gh = folded if folded.shape[1] == r else torch.nn.functional.pad(folded, (0, r - folded.shape[1]))
             if need_T:
                 grad_T = torch.mm(gh.T, c)
             if gin is not None:
