@@ -253,7 +253,8 @@ def test_resume_warns_loudly_about_changed_hyperparameters(interrupted_run):
     start = plan(cfg, interrupted_run, 1)  # the same global batch (1 × 2) is fine; save_every is free
     assert start.mode == "continue"
     assert len(start.warnings) == 1
-    assert "trainer.lr=0.001 (was 0.0003), trainer.max_steps=8 (was 4)" in start.warnings[0]
+    lr = config(interrupted_run).trainer.lr  # the task default the run was trained with
+    assert f"trainer.lr=0.001 (was {lr}), trainer.max_steps=8 (was 4)" in start.warnings[0]
 
 
 def test_a_fresh_run_does_not_take_over_an_unfinished_one(interrupted_run):

@@ -13,7 +13,8 @@ FINETUNE = str(Path(sys.executable).with_name("finetune"))
 
 def run_cli(*args, cwd=None):
     return subprocess.run([FINETUNE, *args], capture_output=True, text=True, cwd=cwd,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
+                               "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["merge"], ["eval"], ["config"], ["export"]])
