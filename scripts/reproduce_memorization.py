@@ -271,7 +271,7 @@ def markdown(args, results, step0, info) -> str:
              f"seed {args.seed}. Character accuracy (%) of the 32 hex digits of the greedily generated value "
              f"(format only: {FORMAT_ONLY:.1f} %)"
              + (f", intermediate points on the first {args.eval_limit} pairs" if args.eval_limit else ", on all pairs")
-             + ". Step 0: the untrained base model.", "",
+             + (". Step 0: the untrained base model." if step0 else "."), "",
              md_table(["method", "lr", *[f"step {s}" for s in cps], "trainable params", "stored params",
                        "s/step"], rows)]
     finals = [r for r in results if r.get("final_all")]

@@ -51,3 +51,18 @@ def data_cache(tmp_path_factory):
     patch.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("finetune-cache")))
     yield
     patch.undo()
+
+
+def ids(batch=2, length=12, seed=1):
+    """Seeded random token ids for the tiny model's byte vocabulary."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, length), generator=g)
+
+
+def logits_of(model, x):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=x).logits

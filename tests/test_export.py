@@ -23,6 +23,7 @@ from finetune.adapters.lora import LoraLayer
 from finetune.errors import UserError
 from finetune.export import (BANK_KEY, CONFIG_FILE, WEIGHTS_FILE, base_module_names, check_payload,
                              export_peft, export_run, import_peft, peft_payload)
+from conftest import ids, logits_of
 
 peft = pytest.importorskip("peft")
 
@@ -34,24 +35,6 @@ LORA_FIELDS = {"peft_type", "task_type", "base_model_name_or_path", "inference_m
 VBLORA_FIELDS = {"peft_type", "task_type", "base_model_name_or_path", "inference_mode", "r", "num_vectors",
                  "vector_length", "topk", "save_only_topk_weights", "target_modules", "fan_in_fan_out", "bias",
                  "modules_to_save", "vblora_dropout", "init_logits_std", "init_vector_bank_bound"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def ids(batch=2, length=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch, length), generator=g)
-
-
-def logits_of(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
 
 
 def randomize_lora(adapter, std=0.1, seed=0):

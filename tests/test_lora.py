@@ -15,24 +15,7 @@ from finetune.adapters import load_adapter, save_adapter
 from finetune.adapters.base import ALL_LINEAR
 from finetune.adapters.lora import attach
 from finetune.errors import UserError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def ids(batch=2, length=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch, length), generator=g)
-
-
-def logits_of(model, x):
-    with torch.no_grad():
-        return model(x).logits
+from conftest import ids, logits_of
 
 
 def randomize(adapter, std=0.05, seed=0):

@@ -25,15 +25,6 @@ from finetune.schedule import WarmupDecay
 TYPES = (1, 2, 3, 4, 6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny: intra-op threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quiet(fn, *args, **kwargs):
     """Call ``fn`` with the r̂ ≥ k warning silenced (expected for the awkward test shapes)."""
     with warnings.catch_warnings():

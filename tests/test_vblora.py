@@ -20,27 +20,9 @@ from finetune.adapters import lora
 from finetune.adapters.vblora import (BANK_ATTR, VBLoraLayer, attach, check_topk, count_params, decode_topk,
                                       encode_topk, index_dtype, tkam)
 from finetune.errors import UserError
+from conftest import ids, logits_of
 
 B_LEN = 32  # divides 64, 128 and 384
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny: intra-op threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def ids(batch=2, length=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch, length), generator=g)
-
-
-def logits_of(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 def vb(model, **kw):
