@@ -71,13 +71,6 @@ def base_dtype(cfg, device: str) -> str:
     return "float32"
 
 
-def build_model(cfg, device: str, base_dir: str | None = None):
-    """Base model with the configured method attached: returns (model, adapter)."""
-    model = load_model(cfg.model, device, base_dir=base_dir, dtype=base_dtype(cfg, device))
-    adapter = adapters.attach(model, cfg.method.name, method_settings(cfg))
-    return model, adapter
-
-
 def make_optimizer(adapter, trainer_cfg, full: dict | None = None):
     """AdamW over the method's parameter groups, plus the base modules trained in full (``full``,
     from ``unfreeze_modules``): matrices with the weight decay, vectors (norms, biases) without."""
