@@ -16,6 +16,7 @@ from finetune.config import compose
 from finetune.errors import UserError
 from finetune.launch import accelerate_args, child_args, plan_processes
 from finetune.train import accumulate_gradients, train
+from conftest import OneProcess
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -69,17 +70,6 @@ def test_fsdp_and_deepspeed_are_refused_on_the_cpu():
 # --------------------------------------------------------------------------------------------
 
 
-class _OneProcess:
-    device = torch.device("cpu")
-    num_processes = 1
-
-    def reduce(self, t, reduction):
-        return t
-
-    def backward(self, loss):
-        loss.backward()
-
-
 def test_two_ranks_with_unequal_lengths_give_the_one_process_gradient(tmp_path):
     import ddp_worker
 
@@ -91,7 +81,7 @@ def test_two_ranks_with_unequal_lengths_give_the_one_process_gradient(tmp_path):
     model, adapter = ddp_worker.model_and_adapter()
     from finetune.data import collate
 
-    loss, tokens = accumulate_gradients(model, [collate(ddp_worker.window(), ddp_worker.PAD)], _OneProcess())
+    loss, tokens = accumulate_gradients(model, [collate(ddp_worker.window(), ddp_worker.PAD)], OneProcess())
     assert abs(two.pop("loss").item() - loss) < 1e-5
     assert two.pop("input_tokens").item() == tokens == sum(ddp_worker.LENGTHS)
     for name, p in adapter.named_trainable():

@@ -241,7 +241,7 @@ def test_invalid_settings(tiny_model):
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_parity_with_peft_lora_logits_and_gradients(tiny_model, rslora):
-    peft = pytest.importorskip("peft")
+    import peft
     other = copy.deepcopy(tiny_model)
     adapter = attach(tiny_model, rank=4, alpha=8, rslora=rslora)
     randomize(adapter, std=0.1)

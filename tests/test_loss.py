@@ -13,6 +13,7 @@ from finetune import adapters
 from finetune.errors import UserError
 from finetune.loss import ChunkedLinearCrossEntropy, causal_lm_loss_sum, chunked_loss_sum
 from finetune.train import accumulate_gradients
+from conftest import OneProcess
 
 
 def ragged_batch(seed=0, vocab=256):
@@ -152,24 +153,13 @@ def test_models_with_unusual_logits_fall_back_to_the_plain_loss(tiny_model):
         handle.remove()
 
 
-class _OneProcess:
-    device = torch.device("cpu")
-    num_processes = 1
-
-    def reduce(self, t, reduction):
-        return t
-
-    def backward(self, loss):
-        loss.backward()
-
-
 def test_accumulate_gradients_with_loss_chunk(tiny_model):
     adapter = adapted(tiny_model, "lora")
     micro = [ragged_batch(seed=s) for s in (7, 8)]
     results = []
     for chunk in (0, 8):
         tiny_model.zero_grad(set_to_none=True)
-        loss, tokens = accumulate_gradients(tiny_model, micro, _OneProcess(), chunk)
+        loss, tokens = accumulate_gradients(tiny_model, micro, OneProcess(), chunk)
         results.append((loss, tokens, [p.grad.clone() for p in adapter.parameters()]))
     (la, ta, ga), (lb, tb, gb) = results
     assert ta == tb and la == pytest.approx(lb, rel=1e-6)

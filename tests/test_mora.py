@@ -402,22 +402,18 @@ def test_two_stacked_type6_adapters_with_different_rhat():
 
 def _quantized(linear: nn.Linear, bits: str) -> nn.Module:
     """``linear`` as a bitsandbytes 4-bit (NF4, fp32 compute) or 8-bit layer on the CPU."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # a dependency; bitsandbytes >= 0.45 runs 4/8-bit layers on the CPU
+
     k, d = linear.in_features, linear.out_features
     w = linear.weight.detach().clone()
-    try:
-        if bits == "4bit":
-            q = bnb.nn.Linear4bit(k, d, bias=True, compute_dtype=torch.float32, quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
-        else:
-            q = bnb.nn.Linear8bitLt(k, d, bias=True, has_fp16_weights=False)
-            q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
-        q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        q = q.to("cpu")
-        q(torch.zeros(1, k))
-    except Exception as e:  # pragma: no cover - depends on the bitsandbytes build
-        pytest.skip(f"bitsandbytes cannot run {bits} layers on this machine: {type(e).__name__}: {e}")
-    return q
+    if bits == "4bit":
+        q = bnb.nn.Linear4bit(k, d, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(k, d, bias=True, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return q.to("cpu")
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])

@@ -26,7 +26,7 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("bitsandbytes")
+import bitsandbytes  # noqa: F401 (a dependency: fail, never skip, if it is missing)
 
 from conftest import tiny_config  # noqa: E402
 from finetune.adapters.base import dense_weight, is_quantized  # noqa: E402

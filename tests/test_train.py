@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import OneProcess, tiny_config
 from finetune import adapters
 from finetune.data import collate
 from finetune.errors import UserError
@@ -54,19 +54,6 @@ def test_batch_8_equals_8_micro_batches_of_1_end_to_end(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
-class _OneProcess:
-    """The parts of an Accelerator that accumulate_gradients uses, for a single process."""
-
-    device = torch.device("cpu")
-    num_processes = 1
-
-    def reduce(self, t, reduction):
-        return t
-
-    def backward(self, loss):
-        loss.backward()
-
-
 def test_token_level_normalisation_with_unequal_lengths(tiny_model):
     """Variable-length examples: one batch of 8 and 8 micro-batches of 1 give the same loss and
     gradients (a mean of per-micro-batch means would not)."""
@@ -82,7 +69,7 @@ def test_token_level_normalisation_with_unequal_lengths(tiny_model):
 
     def grads(micro):
         tiny_model.zero_grad()
-        loss, _ = accumulate_gradients(tiny_model, micro, _OneProcess())
+        loss, _ = accumulate_gradients(tiny_model, micro, OneProcess())
         return loss, [p.grad.clone() for p in adapter.parameters()]
 
     loss_a, g_a = grads([collate(examples, 258)])
