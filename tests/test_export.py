@@ -133,18 +133,24 @@ def test_lora_import_from_peft(tiny_model, tmp_path):
     assert (logits_of(fresh, x) - theirs).abs().max() <= 1e-5
 
 
-def test_lora_merge_and_unload_parity(tiny_model, tmp_path):
-    fresh = copy.deepcopy(tiny_model)
-    adapter = lora.attach(tiny_model, rank=4, alpha=8)
-    randomize_lora(adapter)
+def assert_merged_weights_match_peft(model, fresh, adapter, tmp_path):
+    """Export ``adapter``, merge it with peft's merge_and_unload on ``fresh`` (an untouched copy of
+    the base), merge ours in place: every weight agrees to 1e-6."""
     export_peft(adapter, tmp_path)
     merged_theirs = load_in_peft(fresh, tmp_path).merge_and_unload()
     adapter.merge()
     adapter.unwrap()
-    ours, theirs = tiny_model.state_dict(), merged_theirs.state_dict()
+    ours, theirs = model.state_dict(), merged_theirs.state_dict()
     assert set(ours) == set(theirs)
     for k in ours:
         assert (ours[k] - theirs[k]).abs().max() <= 1e-6, k
+
+
+def test_lora_merge_and_unload_parity(tiny_model, tmp_path):
+    fresh = copy.deepcopy(tiny_model)
+    adapter = lora.attach(tiny_model, rank=4, alpha=8)
+    randomize_lora(adapter)
+    assert_merged_weights_match_peft(tiny_model, fresh, adapter, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,14 +252,7 @@ def test_vblora_as_lora(tiny_model, tmp_path):
 def test_vblora_merge_and_unload_parity(tiny_model, tmp_path, topk_only):
     fresh = copy.deepcopy(tiny_model)
     adapter = vblora_adapter(tiny_model, save_only_topk=topk_only)
-    export_peft(adapter, tmp_path)
-    merged_theirs = load_in_peft(fresh, tmp_path).merge_and_unload()
-    adapter.merge()
-    adapter.unwrap()
-    ours, theirs = tiny_model.state_dict(), merged_theirs.state_dict()
-    assert set(ours) == set(theirs)
-    for k in ours:
-        assert (ours[k] - theirs[k]).abs().max() <= 1e-6, k
+    assert_merged_weights_match_peft(tiny_model, fresh, adapter, tmp_path)
 
 
 @pytest.mark.parametrize("mora_type", [1, 2, 3, 4])
