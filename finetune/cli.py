@@ -148,13 +148,16 @@ def config(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str]
 def export(run_dir: Path = typer.Argument(..., help="A finished run directory."),
            format: str = typer.Option("peft", "--format", help="peft"),
            out: Path = typer.Option(..., "--out", help="Output directory."),
+           as_lora: bool = typer.Option(False, "--as-lora", help="Write the adapter as the exact peft LoRA "
+                                                                "it equals (VB-LoRA; MoRA types 1-4)."),
            quiet: bool = typer.Option(False, "--quiet", "-q", help="No messages.")):
-    """Export a run's adapter in another format (peft adapter directory for LoRA and VB-LoRA)."""
+    """Export a run's adapter in another format (peft adapter directory for LoRA and VB-LoRA;
+    MoRA types 1-4 with --as-lora)."""
     from finetune import progress
     from finetune.export import export_run
 
     progress.set_quiet(quiet)
-    path = export_run(run_dir, format, out)
+    path = export_run(run_dir, format, out, as_lora=as_lora)
     if not quiet:
         typer.echo(f"exported {format} adapter to {path}")
 

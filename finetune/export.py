@@ -240,7 +240,7 @@ def peft_payload(adapter, base_model_name_or_path=None, target_modules=None, sav
     if method == "mora":
         types = {layer.mora_type for layer in adapter.layers.values()}
         if not as_lora or not types <= {1, 2, 3, 4}:
-            hint = " (types 1-4 can be written as an exact LoRA with as_lora)" if types <= {1, 2, 3, 4} else ""
+            hint = " (types 1-4 export as the exact LoRA they equal: --as-lora, or as_lora=True)" if types <= {1, 2, 3, 4} else ""
             raise UserError(f"MoRA has no peft adapter format; use `finetune merge` for a merged model{hint}")
     if method == "full":
         raise UserError("full fine-tuning has no adapter to export in peft format; the run's merged "
@@ -510,7 +510,8 @@ def export_run(run_dir: str | Path, format: str = "peft", out: str | Path | None
         raise UserError("full fine-tuning has no adapter to export in peft format; the run's merged "
                         "model directory is the result (see `finetune merge`)")
     if method == "mora" and not as_lora:
-        raise UserError("MoRA has no peft adapter format; use `finetune merge` for a merged model")
+        raise UserError("MoRA has no peft adapter format: types 1-4 export as the exact LoRA they equal "
+                        "with --as-lora; any type merges with `finetune merge`")
     model, adapter, _, cfg = load_run(run_dir)
     return export_peft(adapter, Path(out).expanduser(), run_base_name(cfg, Path(run_dir)), as_lora=as_lora)
 

@@ -377,3 +377,31 @@ def test_export_run_of_a_trained_vblora_run(tmp_path):
     assert (logits_of(load_in_peft(base, out), x) - ours).abs().max() <= 1e-5
     with pytest.raises(UserError, match="--format"):
         export_run(run, "gguf", tmp_path / "x")
+
+
+def test_cli_exports_a_trained_mora_type1_run_as_lora(tmp_path):
+    """`finetune export RUN --out DIR --as-lora` on a trained MoRA type-1 run: peft loads it on the
+    run's base and its logits equal our loaded run's; without --as-lora the CLI says how."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from conftest import tiny_config
+    from finetune.cli import app
+    from finetune.merge import load_run
+    from finetune.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config("method=mora", "method.rank=4", "method.type=1", "task.num_pairs=4", "task.eval_limit=1",
+                      "task.max_new_tokens=2", "trainer.max_steps=3", "trainer.batch_size=2",
+                      "trainer.merge=false", f"output_dir={run}"), quiet=True)
+    refused = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "no")])
+    assert refused.exit_code == 2 and "--as-lora" in refused.output and not (tmp_path / "no").exists()
+    out = tmp_path / "peft"
+    result = CliRunner().invoke(app, ["export", str(run), "--out", str(out), "--as-lora", "-q"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert config["peft_type"] == "LORA"
+    model, _, _, _ = load_run(run)
+    x = ids()
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    assert (logits_of(load_in_peft(base, out), x) - logits_of(model, x)).abs().max() <= 1e-5
