@@ -31,13 +31,14 @@ def check_logger(logger: str | None) -> None:
                         "(or use logger=tensorboard, the default)")
 
 
-def log_with(cfg, run_path: Path) -> list:
+def log_with(cfg, run_path: Path) -> list | None:
     """The trackers for ``Accelerator(log_with=...)``: a TensorBoard tracker writing into the run
-    directory, and "wandb" when asked for."""
+    directory, and "wandb" when asked for; None for ``logger=none`` (an empty list makes Accelerate
+    warn that no tracker is installed)."""
     logger = cfg.get("logger", "tensorboard")
     check_logger(logger)
     if logger == "none":
-        return []
+        return None
     from accelerate.tracking import TensorBoardTracker
 
     trackers = [TensorBoardTracker(TENSORBOARD_DIR, str(run_path))]
