@@ -37,9 +37,13 @@ def run_config(run_dir: Path):
     return OmegaConf.load(path)
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", original_base: bool = False):
+def load_run(run_dir: str | Path, device: str = "cpu", original_base: bool = False, stored_dtype: bool = False):
     """The run's base model (fp32) with its trained adapter attached, unmerged; plus tokenizer and
     config. Returns (model, adapter, tokenizer, cfg).
+
+    ``stored_dtype`` (for merging): load a full-precision base in the dtype its checkpoint is stored
+    in (a bf16 checkpoint stays bf16: half the memory of fp32, and no value changes, since bf16 ->
+    fp32 is exact); the adapter stays fp32. Full fine-tuning runs always load in fp32.
 
     A quantized-base run loads its base quantized exactly as in training (bitsandbytes layers, the
     training dtype for the rest), unless ``original_base``: then the full-precision weights, without
@@ -60,6 +64,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", original_base: bool = Fal
         model_cfg.quantize = None
     elif quantized_base(cfg) and model_cfg.dtype != "auto":
         dtype = model_cfg.dtype  # quantize from the same weights as training did
+    elif stored_dtype and not quantized_base(cfg) and cfg.method.get("name") != "full":
+        dtype = "checkpoint"
     model = load_model(model_cfg, device, base_dir=base_dir, dtype=dtype)
     if original_base and any(is_quantized(m) for m in model.modules()):
         raise UserError(f"--base original: the base checkpoint {cfg.model.path or base_dir} is itself "
@@ -156,7 +162,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     base = "original" if not quant else (base or "dequantized")
     stages = progress.bar(total=3, desc="merge", unit="stage", disable=quiet)
     stages.set_postfix_str("load")
-    model, adapter, tokenizer, cfg = load_run(run.path, original_base=base == "original")
+    model, adapter, tokenizer, cfg = load_run(run.path, original_base=base == "original", stored_dtype=True)
     stages.update(1)
     stages.set_postfix_str("merge")
     with torch.no_grad():

@@ -163,8 +163,12 @@ TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
 
 
 def torch_dtype(name: str, device_type: str = "cpu"):
+    """``auto``: bf16 on CUDA, fp32 elsewhere; ``checkpoint``: whatever the weights are stored in
+    (transformers' own "auto"; merging reads the base this way and adds ΔW in fp32 per tensor)."""
     import torch
 
+    if name == "checkpoint":
+        return "auto"
     if name == "auto":
         return torch.bfloat16 if device_type == "cuda" else torch.float32
     return getattr(torch, TORCH_DTYPES[name])
@@ -228,7 +232,7 @@ def load_model(cfg, device_type: str = "cpu", base_dir: str | None = None, dtype
         else:
             model_type = arch.pop("model_type", "llama")
             config = AutoConfig.for_model(model_type, **arch)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_type)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_type if torch_type != "auto" else None)
         if save_base is not None:
             model.save_pretrained(save_base, safe_serialization=True)
         if quantization_config(cfg) is None:

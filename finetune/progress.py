@@ -42,20 +42,20 @@ def _switch_loaded_libraries(quiet: bool) -> None:
     import sys
     import warnings
 
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    with warnings.catch_warnings():  # huggingface_hub refuses (and warns) while its env switch is set
+        warnings.simplefilter("ignore")
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-        with warnings.catch_warnings():  # it refuses (and warns) if imported while quiet
-            warnings.simplefilter("ignore")
             (disable_progress_bars if quiet else enable_progress_bars)()
-    if "transformers" in sys.modules:
-        from transformers.utils import logging
+        if "transformers" in sys.modules:
+            from transformers.utils import logging
 
-        (logging.disable_progress_bar if quiet else logging.enable_progress_bar)()
-    if "datasets" in sys.modules:
-        import datasets
+            (logging.disable_progress_bar if quiet else logging.enable_progress_bar)()
+        if "datasets" in sys.modules:
+            import datasets
 
-        (datasets.disable_progress_bars if quiet else datasets.enable_progress_bars)()
+            (datasets.disable_progress_bars if quiet else datasets.enable_progress_bars)()
 
 
 def is_quiet() -> bool:

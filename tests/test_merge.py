@@ -62,3 +62,29 @@ def test_merge_refuses_bad_input(lora_run, tmp_path):
     with pytest.raises(UserError, match="not a merged model written by finetune"):
         merge_run(lora_run, tmp_path / "occupied")
     assert (tmp_path / "occupied" / "precious.txt").read_text() == "keep"
+
+
+def test_merge_reads_a_bf16_base_in_bf16_and_writes_the_same_weights(tmp_path):
+    """A bf16 checkpoint is merged from its bf16 weights (half of fp32's memory); since bf16 -> fp32
+    is exact and ΔW is added in fp32 per tensor, the output equals the fp32-loaded merge bit for bit."""
+    from safetensors.torch import load_file
+
+    from finetune.models import load_model
+    from finetune.streaming import save_merged
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "bf16-base"
+    load_model(tiny_config().model).to(torch.bfloat16).save_pretrained(base_dir)
+    run = tmp_path / "run"
+    train(tiny_config("model.init=pretrained", f"model.path={base_dir}", "method=mora", "method.rank=4",
+                      "task.num_pairs=4", "task.eval_limit=1", "task.max_new_tokens=2", "trainer.max_steps=3",
+                      "trainer.lr=1e-2", "trainer.merge=false", f"output_dir={run}"), quiet=True)
+    model, _, _, _ = load_run(run, stored_dtype=True)
+    assert {p.dtype for p in model.parameters() if p.requires_grad is False} == {torch.bfloat16}
+    merged = merge_run(run, tmp_path / "merged", quiet=True)
+    model, adapter, _, _ = load_run(run)  # fp32 base
+    save_merged(model, adapter, tmp_path / "reference")
+    got, want = (load_file(str(d / "model.safetensors")) for d in (merged, tmp_path / "reference"))
+    assert got.keys() == want.keys() and all(v.dtype == torch.float32 for v in got.values())
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(got[k], v.float()) for k, v in load_file(str(base_dir / "model.safetensors")).items())
