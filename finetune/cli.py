@@ -143,6 +143,19 @@ def config(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str]
     typer.echo(to_yaml(compose(list(overrides or []), config_dir)), nl=False)
 
 
+@app.command("data", context_settings=OVERRIDE_CTX)
+@user_errors
+def data(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] = CONFIG_DIR,
+         rows: int = typer.Option(3, "--rows", "-n", help="How many training rows to show.")):
+    """Preview the training data: the rows training will see (tokenized, length-limited, packed),
+    with the loss mask visible. Loads the tokenizer and the data, not the model."""
+    from finetune.config import absolute_paths, compose
+    from finetune.preview import preview
+
+    cfg = compose(absolute_paths(list(overrides or [])), config_dir)
+    typer.echo(preview(cfg, rows), nl=False)
+
+
 @app.command()
 @user_errors
 def export(run_dir: Path = typer.Argument(..., help="A finished run directory."),

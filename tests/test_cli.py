@@ -17,7 +17,7 @@ def run_cli(*args, cwd=None):
                                "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["merge"], ["eval"], ["config"], ["export"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["merge"], ["eval"], ["config"], ["export"], ["data"]])
 def test_help_imports_nothing_heavy(command):
     code = ("import sys\nfrom typer.testing import CliRunner\nfrom finetune.cli import app\n"
             f"r = CliRunner().invoke(app, {command + ['--help']!r})\n"

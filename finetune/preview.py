@@ -1,0 +1,110 @@
+"""``finetune data``: the rows training will see, with the loss mask visible.
+
+The rows are the task's own ``train_examples()`` (tokenized, length-limited, packed as configured),
+built exactly as ``finetune train`` builds them; only the tokenizer is loaded, never the model. A
+token "has loss" when its label is not -100 and something precedes it in its row (labels are
+shifted by one in the causal-LM loss, as in :func:`finetune.data.count_loss_tokens`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from finetune.data import IGNORE
+
+LEGEND = "+ tokens with loss (the model learns to predict them) · - context only (no loss)"
+
+
+def _arrays(examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, labels, position resets) of all rows as flat arrays."""
+    from finetune.examples import Examples
+
+    if not isinstance(examples, Examples):
+        examples = Examples.from_rows(examples)
+    labels = np.asarray(examples.arrays["labels"])
+    positions = examples.arrays.get("position_ids")
+    resets = (np.asarray(positions) == 0) if positions is not None else np.zeros(len(labels), dtype=bool)
+    resets[examples.offsets[:-1]] = True
+    return examples.offsets, labels, resets
+
+
+def has_loss(labels, row_start: bool) -> np.ndarray:
+    """Per token of one row: whether it contributes to the loss."""
+    out = np.asarray(labels) != IGNORE
+    if row_start and len(out):
+        out[0] = False
+    return out
+
+
+def summary(examples) -> dict:
+    """Rows, tokens, loss tokens, examples per row and row lengths of the training rows."""
+    offsets, labels, resets = _arrays(examples)
+    lengths = np.diff(offsets)
+    loss = labels != IGNORE
+    loss[offsets[:-1][lengths > 0]] = False
+    tokens = int(lengths.sum())
+    return {"rows": len(lengths), "tokens": tokens, "loss_tokens": int(loss.sum()),
+            "examples": int(resets[:tokens].sum()) if tokens else 0,
+            "length_min": int(lengths.min()) if len(lengths) else 0,
+            "length_median": float(np.median(lengths)) if len(lengths) else 0.0,
+            "length_max": int(lengths.max()) if len(lengths) else 0}
+
+
+def spans(row: dict) -> list[tuple[str, list[int]]]:
+    """A row as consecutive runs of tokens: ("+", ids) with loss, ("-", ids) without, and
+    ("example", []) where a packed row starts its next example."""
+    ids = row["input_ids"]
+    loss = has_loss(row["labels"], row_start=True)
+    starts = {i for i, p in enumerate(row.get("position_ids") or []) if p == 0 and i > 0}
+    out: list[tuple[str, list[int]]] = []
+    for i, token in enumerate(ids):
+        if i in starts:
+            out.append(("example", []))
+        kind = "+" if loss[i] else "-"
+        if out and out[-1][0] == kind:
+            out[-1][1].append(token)
+        else:
+            out.append((kind, [token]))
+    return out
+
+
+def render_row(tokenizer, row: dict, index: int) -> str:
+    """One row as text: a header line, then one line per run, decoded with special tokens kept
+    and newlines / whitespace made visible (Python string repr)."""
+    n = len(row["input_ids"])
+    loss = int(has_loss(row["labels"], row_start=True).sum())
+    examples = 1 + sum(1 for i, p in enumerate(row.get("position_ids") or []) if p == 0 and i > 0)
+    lines = [f"row {index}: {n} tokens, {loss} with loss, {examples} example{'s' if examples > 1 else ''}"]
+    for kind, ids in spans(row):
+        if kind == "example":
+            lines.append("  -- next example --")
+        else:
+            lines.append(f"  {kind} {tokenizer.decode(ids, skip_special_tokens=False)!r}")
+    return "\n".join(lines)
+
+
+def render(cfg, tokenizer, examples, rows: int) -> str:
+    s = summary(examples)
+    pct = 100.0 * s["loss_tokens"] / max(s["tokens"], 1)
+    head = [f"task {cfg.task.name}: {s['rows']:,} training rows ({s['examples']:,} examples), "
+            f"{s['tokens']:,} tokens, {s['loss_tokens']:,} with loss ({pct:.1f}%)",
+            f"row length: min {s['length_min']}, median {s['length_median']:g}, max {s['length_max']} "
+            f"(task.max_length={cfg.task.get('max_length')}, packing={cfg.task.get('packing', False)})",
+            LEGEND, ""]
+    body = [render_row(tokenizer, examples[i], i) for i in range(min(rows, len(examples)))]
+    return "\n".join(head) + "\n\n".join(body) + "\n"
+
+
+def preview(cfg, rows: int = 3) -> str:
+    """The summary and the first ``rows`` training rows of ``cfg``'s task, as text."""
+    from finetune.errors import UserError
+    from finetune.models import load_tokenizer
+    from finetune.tasks import build_task
+
+    if rows < 0:
+        raise UserError(f"--rows {rows}: must be 0 or more")
+    tokenizer = load_tokenizer(cfg.model)
+    examples = build_task(cfg.task, tokenizer).train_examples()
+    if not len(examples):
+        raise UserError(f"task {cfg.task.name}: no training examples")
+    return render(cfg, tokenizer, examples, rows)
