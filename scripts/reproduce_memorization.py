@@ -17,10 +17,10 @@ Default settings (the 2-CPU-core budget: the whole comparison in <= 60 minutes, 
 each flag) and why:
 
     pairs 32, batch 8, 150 steps   = 37.5 epochs over the pairs (the paper: 10k pairs, batch 1024,
-                                     1,000 steps = 100 epochs). A step of batch 8 x 67 tokens takes
-                                     about 2-4 s on 2 quiet cores for the adapters and about 1.5x
-                                     that for full fine-tuning: 4 methods x 150 steps + 6
-                                     evaluations each take 35-55 minutes
+                                     1,000 steps = 100 epochs). A step of batch 8 took 3.9-4.7 s
+                                     on 2 quiet cores for every method, full fine-tuning
+                                     included: 4 methods x 150 steps + 6 evaluations each took
+                                     44 minutes (2026-11-23)
     warm-up 10 % then linear decay  the paper's 100 of 1,000 steps, linear to 0
     lr 2e-3 for LoRA and MoRA       one learning rate for both, as in the paper (3e-4 there, for
                                      1,000 steps of batch 1024 on a 7B model; a 135M model and
