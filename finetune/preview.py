@@ -16,16 +16,16 @@ LEGEND = "+ tokens with loss (the model learns to predict them) · - context onl
 
 
 def _arrays(examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(offsets, labels, position resets) of all rows as flat arrays."""
+    """(row offsets, labels, example starts) of all rows as flat arrays."""
     from finetune.examples import Examples
 
     if not isinstance(examples, Examples):
         examples = Examples.from_rows(examples)
     labels = np.asarray(examples.arrays["labels"])
     positions = examples.arrays.get("position_ids")
-    resets = (np.asarray(positions) == 0) if positions is not None else np.zeros(len(labels), dtype=bool)
-    resets[examples.offsets[:-1]] = True
-    return examples.offsets, labels, resets
+    starts = (np.asarray(positions) == 0) if positions is not None else np.zeros(len(labels), dtype=bool)
+    starts[examples.offsets[:-1][examples.lengths() > 0]] = True
+    return examples.offsets, labels, starts
 
 
 def has_loss(labels, row_start: bool) -> np.ndarray:
@@ -37,17 +37,14 @@ def has_loss(labels, row_start: bool) -> np.ndarray:
 
 
 def summary(examples) -> dict:
-    """Rows, tokens, loss tokens, examples per row and row lengths of the training rows."""
-    offsets, labels, resets = _arrays(examples)
+    """Rows, tokens, loss tokens, examples and row lengths of the (non-empty list of) training rows."""
+    offsets, labels, starts = _arrays(examples)
     lengths = np.diff(offsets)
-    loss = labels != IGNORE
-    loss[offsets[:-1][lengths > 0]] = False
-    tokens = int(lengths.sum())
-    return {"rows": len(lengths), "tokens": tokens, "loss_tokens": int(loss.sum()),
-            "examples": int(resets[:tokens].sum()) if tokens else 0,
-            "length_min": int(lengths.min()) if len(lengths) else 0,
-            "length_median": float(np.median(lengths)) if len(lengths) else 0.0,
-            "length_max": int(lengths.max()) if len(lengths) else 0}
+    loss = (labels != IGNORE) & ~np.isin(np.arange(len(labels)), offsets[:-1])
+    return {"rows": len(lengths), "tokens": len(labels), "loss_tokens": int(loss.sum()),
+            "examples": int(starts.sum()),
+            "length_min": int(lengths.min()), "length_median": float(np.median(lengths)),
+            "length_max": int(lengths.max())}
 
 
 def spans(row: dict) -> list[tuple[str, list[int]]]:
