@@ -28,11 +28,10 @@ def _arrays(examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return examples.offsets, labels, starts
 
 
-def has_loss(labels, row_start: bool) -> np.ndarray:
-    """Per token of one row: whether it contributes to the loss."""
+def has_loss(labels) -> np.ndarray:
+    """Per token of one row: whether it contributes to the loss (never the row's first)."""
     out = np.asarray(labels) != IGNORE
-    if row_start and len(out):
-        out[0] = False
+    out[:1] = False
     return out
 
 
@@ -51,7 +50,7 @@ def spans(row: dict) -> list[tuple[str, list[int]]]:
     """A row as consecutive runs of tokens: ("+", ids) with loss, ("-", ids) without, and
     ("example", []) where a packed row starts its next example."""
     ids = row["input_ids"]
-    loss = has_loss(row["labels"], row_start=True)
+    loss = has_loss(row["labels"])
     starts = {i for i, p in enumerate(row.get("position_ids") or []) if p == 0 and i > 0}
     out: list[tuple[str, list[int]]] = []
     for i, token in enumerate(ids):
@@ -69,7 +68,7 @@ def render_row(tokenizer, row: dict, index: int) -> str:
     """One row as text: a header line, then one line per run, decoded with special tokens kept
     and newlines / whitespace made visible (Python string repr)."""
     n = len(row["input_ids"])
-    loss = int(has_loss(row["labels"], row_start=True).sum())
+    loss = int(has_loss(row["labels"]).sum())
     examples = 1 + sum(1 for i, p in enumerate(row.get("position_ids") or []) if p == 0 and i > 0)
     lines = [f"row {index}: {n} tokens, {loss} with loss, {examples} example{'s' if examples > 1 else ''}"]
     for kind, ids in spans(row):
