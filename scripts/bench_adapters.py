@@ -34,18 +34,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DEFAULT_OUT = ROOT / "docs" / "bench"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import bench_parser, hardware_info, hardware_line, output_path, print_hardware, write_outputs  # noqa: E402
 
 OUR_METHODS = ("lora", "mora", "vblora")
 PEFT_METHODS = ("peft-lora", "peft-vblora")
@@ -55,10 +51,8 @@ GOALS = {"lora": 1.08, "mora": 1.10, "vblora": 1.10}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, "adapters")
     p.add_argument("--model", default="smollm2-135m", help="a `model` config option (default: smollm2-135m)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -71,14 +65,9 @@ def parse_args(argv=None):
                    help="wall: elapsed time (default); cpu: this process's CPU time, much less sensitive "
                         "to other processes on a shared machine (use it with --threads 1)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up step, 2 rounds, output under /tmp")
-    p.add_argument("--out", default=None,
-                   help="output path without suffix: writes .json and .md (default docs/bench/adapters-<device>)")
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.reps = 1, 2
-    if args.out is None:
-        args.out = str(DEFAULT_OUT / f"adapters-{args.device}" if not args.quick else
-                       Path(tempfile.gettempdir()) / "finetune-bench" / f"adapters-{args.device}-quick")
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -87,44 +76,6 @@ def parse_args(argv=None):
         p.error(f"--variants: unknown {unknown}; allowed: {', '.join(ALL_VARIANTS)}")
     args.variants = ["base"] + [v for v in ALL_VARIANTS[1:] if v in variants]
     return args
-
-
-# --------------------------------------------------------------------------------------------
-# Hardware
-# --------------------------------------------------------------------------------------------
-
-
-def hardware(device: str) -> dict:
-    import torch
-
-    info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        info["affinity_cpus"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    try:
-        info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:
-        pass
-    return info
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,8 +178,6 @@ def run(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available")
     if args.device == "cuda" and args.clock == "cpu":
         sys.exit("--clock cpu measures CPU time: use --clock wall with --device cuda")
     if any(v.startswith("peft") for v in args.variants):
@@ -237,10 +186,8 @@ def run(args) -> dict:
         except ImportError:
             print("peft is not installed: skipping the peft variants", file=sys.stderr)
             args.variants = [v for v in args.variants if not v.startswith("peft")]
-    info = hardware(args.device)
-    print(f"hardware: {info['cpu']}, {info.get('affinity_cpus', info['logical_cpus'])} CPUs, "
-          f"torch {info['torch']} with {info['torch_threads']} threads"
-          + (f", GPU {info['gpu']}" if args.device == "cuda" else ""), flush=True)
+    info = hardware_info(args.device)
+    print_hardware(info)
 
     t0 = time.perf_counter()
     base = load_base(args.model, args.device)
@@ -284,10 +231,6 @@ def run(args) -> dict:
         }
         if name in GOALS:
             results[name]["goal"] = GOALS[name]
-    try:
-        info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
     return {"hardware": info, "model": args.model, "batch": args.batch, "seq": args.seq,
             "warmup": args.warmup, "reps": args.reps, "dtype": "float32", "clock": args.clock,
             "results": results}
@@ -305,11 +248,8 @@ def markdown(report: dict) -> str:
     res = report["results"]
     lines = [f"Model {report['model']}, batch {report['batch']}×{report['seq']} tokens, fp32, "
              f"{report['reps']} interleaved rounds after {report['warmup']} warm-up steps, "
-             f"{'CPU' if report.get('clock') == 'cpu' else 'wall-clock'} time; "
-             f"{hw['cpu']}, {hw.get('affinity_cpus', hw['logical_cpus'])} CPUs, {hw['torch_threads']} torch "
-             f"threads{', GPU ' + hw['gpu'] if hw.get('gpu') else ''}; torch {hw['torch']}"
-             f"{', peft ' + hw['peft'] if hw.get('peft') else ''}; load average "
-             f"{hw.get('load_average_start', ['?'])[0]} → {hw.get('load_average_end', ['?'])[0]}.",
+             f"{'CPU' if report.get('clock') == 'cpu' else 'wall-clock'} time, {hw['torch_threads']} torch "
+             f"threads. Hardware: {hardware_line(hw)}.",
              "",
              "| variant | step time (median) | × frozen base (median of per-round ratios) | IQR of ratio | goal |",
              "|---|---|---|---|---|"]
@@ -339,11 +279,7 @@ def main(argv=None) -> int:
     table = markdown(report)
     print()
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_outputs(output_path(args, "adapters"), report, table)
     return 0
 
 

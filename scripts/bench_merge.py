@@ -37,14 +37,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (DEFAULT_OUT, check_ok, child_env, hardware_info, hardware_line, md_table,  # noqa: E402
+from benchlib import (bench_parser, output_path, check_ok, child_env, hardware_info, hardware_line, md_table,  # noqa: E402
                       median, print_hardware, run_measured, write_outputs)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p = bench_parser(__doc__, "merge")
     p.add_argument("--run", default=None, help="an existing finetune LoRA run directory (default: make one)")
     p.add_argument("--model", default="smollm2-135m", help="model for the run made without --run")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the run made without --run")
@@ -55,7 +53,6 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smoke test: 1 rep")
-    p.add_argument("--out", default=None, help="output path without suffix (default docs/bench/merge-<device>)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--worker", choices=("peft",), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -264,9 +261,7 @@ def main(argv=None):
         "Command: `python scripts/bench_merge.py " + " ".join(sys.argv[1:]) + "`"])
     print()
     print(md)
-    default = DEFAULT_OUT / f"merge-{args.device}" if not args.quick else \
-        Path(tempfile.gettempdir()) / "finetune-bench" / f"merge-{args.device}-quick"
-    write_outputs(Path(args.out) if args.out else default,
+    write_outputs(output_path(args, "merge"),
                   {"benchmark": "merge", "hardware": info, "settings": vars(args), "run": str(run),
                    "summary": summary, "comparison": check, "runs": runs, "work_dir": str(work)}, md)
 

@@ -33,21 +33,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (DEFAULT_OUT, check_ok, child_env, hardware_info, hardware_line, md_table,  # noqa: E402
+from benchlib import (bench_parser, output_path, check_ok, child_env, hardware_info, hardware_line, md_table,  # noqa: E402
                       median, print_hardware, run_measured, write_outputs)
 
 GOALS = {"help": 0.3, "config": 0.5, "load": 3.0}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p = bench_parser(__doc__, "startup")
     p.add_argument("--model", default="smollm2-135m", help="a `model` config option")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smoke test: 2 reps")
-    p.add_argument("--out", default=None, help="output path without suffix (default docs/bench/startup-<device>)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -161,9 +158,7 @@ def main(argv=None):
                     "Command: `python scripts/bench_startup.py " + " ".join(sys.argv[1:]) + "`"])
     print()
     print(md)
-    default = DEFAULT_OUT / f"startup-{args.device}" if not args.quick else \
-        Path(tempfile.gettempdir()) / "finetune-bench" / f"startup-{args.device}-quick"
-    write_outputs(Path(args.out) if args.out else default,
+    write_outputs(output_path(args, "startup"),
                   {"benchmark": "startup", "hardware": info, "settings": vars(args), "results": results,
                    "loads": loads}, md)
 

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (DEFAULT_OUT, check_ok, child_env, hardware_info, hardware_line,  # noqa: E402
+from benchlib import (bench_parser, output_path, check_ok, child_env, hardware_info, hardware_line,  # noqa: E402
                       md_table, median, print_hardware, run_measured, write_outputs)
 
 DATA = "/work/shared/data/gsm8k/train.jsonl"
@@ -55,9 +55,7 @@ GOAL_SPEED, GOAL_MEMORY = 1.5, 0.6
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p = bench_parser(__doc__, "throughput")
     p.add_argument("--data", default=DATA, help="GSM8K training records, jsonl {question, answer}")
     p.add_argument("--model", default="smollm2-135m", help="a `model` config option")
     p.add_argument("--steps", type=int, default=15, help="optimizer steps per run")
@@ -76,7 +74,6 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=("finetune", "baseline"), help="run one side only (no ratios)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 4 steps (1 warm-up), 1 rep, batch 2, max length 256")
-    p.add_argument("--out", default=None, help="output path without suffix (default docs/bench/throughput-<device>)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
     # internal: the worker processes
     p.add_argument("--worker", choices=("prepare", "baseline"), help=argparse.SUPPRESS)
@@ -360,9 +357,7 @@ def main(argv=None):
     md = markdown(args, spec, rows, stats, summary, runs, info)
     print()
     print(md)
-    default = DEFAULT_OUT / f"throughput-{args.device}" if not args.quick else \
-        Path(tempfile.gettempdir()) / "finetune-bench" / f"throughput-{args.device}-quick"
-    write_outputs(Path(args.out) if args.out else default,
+    write_outputs(output_path(args, "throughput"),
                   {"benchmark": "throughput", "hardware": info, "settings": vars(args) | {"rows": rows},
                    "data": stats, "summary": summary, "runs": runs, "work_dir": str(work)}, md)
 

@@ -5,10 +5,12 @@ as JSON next to a Markdown table."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -123,3 +125,23 @@ def median(values):
 
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def bench_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The argument parser every script starts from: the first paragraph of its docstring as the
+    description, ``--device`` and ``--out`` (default ``docs/bench/<name>-<device>``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", default=None,
+                   help=f"output path without suffix: writes .json and .md (default docs/bench/{name}-<device>)")
+    return p
+
+
+def output_path(args, name: str) -> Path:
+    """``--out``, else ``docs/bench/<name>-<device>`` (``--quick``: under the temporary directory)."""
+    if args.out:
+        return Path(args.out)
+    if getattr(args, "quick", False):
+        return Path(tempfile.gettempdir()) / "finetune-bench" / f"{name}-{args.device}-quick"
+    return DEFAULT_OUT / f"{name}-{args.device}"

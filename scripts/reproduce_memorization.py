@@ -45,7 +45,6 @@ Writes docs/bench/memorization-<device>.json, .md and .png (--quick: under /tmp 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -53,7 +52,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (DEFAULT_OUT, child_env, hardware_info, hardware_line, md_table,  # noqa: E402
+from benchlib import (bench_parser, output_path, child_env, hardware_info, hardware_line, md_table,  # noqa: E402
                       print_hardware, run_measured, write_outputs)
 
 FORMAT_ONLY = 100 * (1 + 0.25 + 30 / 16) / 32  # ≈ 9.8 %: the version digit, a 1-in-4 variant, chance
@@ -62,9 +61,7 @@ RANKED = ("lora", "mora")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p = bench_parser(__doc__, "memorization")
     p.add_argument("--model", default="smollm2-135m", help="a `model` config option")
     p.add_argument("--methods", default="lora:8,mora:8,vblora,full",
                    help="comma-separated: lora:RANK, mora:RANK, vblora, full")
@@ -99,8 +96,6 @@ def parse_args(argv=None):
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs in --work-dir that have the same settings (resume a comparison)")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per run before it is killed")
-    p.add_argument("--out", default=None,
-                   help="output path without suffix (default docs/bench/memorization-<device>)")
     args = p.parse_args(argv)
     if args.paper:
         args.pairs, args.steps, args.batch_size, args.grad_accum = 10_000, 1_000, 128, 8
@@ -317,9 +312,7 @@ def main(argv=None):
     work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="memorization-"))
     work.mkdir(parents=True, exist_ok=True)
     env = child_env(args.threads)
-    default = DEFAULT_OUT / f"memorization-{args.device}" if not args.quick else \
-        Path(tempfile.gettempdir()) / "finetune-bench" / f"memorization-{args.device}-quick"
-    args.out_base = str(Path(args.out) if args.out else default)
+    args.out_base = str(output_path(args, "memorization"))
     epochs = args.steps * args.batch_size * args.grad_accum / args.pairs
     print(f"{len(methods)} methods x {args.steps} steps, {args.pairs} pairs, batch {args.batch_size} x "
           f"{args.grad_accum} ({epochs:.0f} epochs); runs in {work}", flush=True)
