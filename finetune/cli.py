@@ -14,8 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from finetune.errors import UserError
-from finetune.signals import RunInterrupted
+from finetune.errors import RunInterrupted, TrainingError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Config-driven fine-tuning of causal language models: LoRA, MoRA, VB-LoRA, full.")
@@ -27,9 +26,9 @@ OVERRIDE_CTX = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def fail(message: str, code: int = 2):
-    from finetune.launch import is_main_rank
+    from finetune.environment import is_main_process
 
-    if is_main_rank():  # in a multi-process run every rank fails alike; one of them reports
+    if is_main_process():  # in a multi-process run every rank fails alike; one of them reports
         typer.echo(f"finetune: error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -51,16 +50,10 @@ def user_errors(fn):
         quiet_library_loggers()
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
-            fail(str(e))
+        except (UserError, TrainingError, RunInterrupted) as e:  # RunInterrupted: checkpoint saved
+            fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
-        except Exception as e:
-            if type(e).__name__ == "TrainingError":
-                fail(str(e), 1)
-            if isinstance(e, RunInterrupted):  # stopped by a signal, checkpoint saved
-                fail(str(e), e.exit_code)
-            raise
 
     return wrapper
 
@@ -75,30 +68,30 @@ def train(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] 
           fail_fast: bool = typer.Option(False, "--fail-fast", help="Sweeps: stop at the first failed run.")):
     """Train: finetune train [model=...] [method=...] [task=...] [key=value ...]"""
     from finetune import progress
-    from finetune.config import absolute_paths, compose
+    from finetune.config.compose import absolute_paths, compose
 
     progress.set_quiet(quiet)
     overrides = absolute_paths(list(overrides or []))
     if multirun:
-        from finetune.sweep import run_sweep
+        from finetune.report.sweep import run_sweep
 
         summary = run_sweep(overrides, config_dir, quiet=quiet, fail_fast=fail_fast)
         if summary["failed"]:
             raise typer.Exit(1)
         return
     cfg = compose(overrides, config_dir)
-    from finetune.launch import in_launched_process, is_main_rank
+    from finetune.environment import in_launched_process, is_main_process
 
     if cfg.launcher.name != "none" and not in_launched_process():
-        from finetune.launch import launch_training  # re-run this command in N processes
+        from finetune.training.launch import launch_training  # re-run this command in N processes
 
         code = launch_training(cfg, overrides, config_dir, quiet)
         if code is not None:
             raise typer.Exit(code)
-    from finetune.train import train as run_training
+    from finetune.training.loop import train as run_training
 
     result = run_training(cfg, overrides, quiet=quiet, config_dir=config_dir)
-    if quiet and is_main_rank():
+    if quiet and is_main_process():
         typer.echo(json.dumps({"run_dir": result["run_dir"], "metric": result["metric"],
                                "metrics": result["metrics"]}))
 
@@ -114,7 +107,7 @@ def merge(run_dir: Path = typer.Argument(..., help="A finished run directory."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")):
     """Merge a run's adapter into its base model and write a plain Hugging Face model directory."""
     from finetune import progress
-    from finetune.merge import merge_run
+    from finetune.outputs.merge import merge_run
 
     progress.set_quiet(quiet)
     merge_run(run_dir, out, dtype, base=base, quiet=quiet)
@@ -127,7 +120,7 @@ def evaluate(path: Path = typer.Argument(..., help="A run directory or a model d
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (the JSON result only).")):
     """Evaluate the task metric on a run (adapted model) or on any model directory."""
     from finetune import progress
-    from finetune.evaluate import evaluate_path
+    from finetune.run.evaluate import evaluate_path
 
     progress.set_quiet(quiet)
     result = evaluate_path(path, list(overrides or []), config_dir)
@@ -138,7 +131,7 @@ def evaluate(path: Path = typer.Argument(..., help="A run directory or a model d
 @user_errors
 def config(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] = CONFIG_DIR):
     """Validate and print the resolved config (loads nothing heavy)."""
-    from finetune.config import compose, to_yaml
+    from finetune.config.compose import compose, to_yaml
 
     typer.echo(to_yaml(compose(list(overrides or []), config_dir)), nl=False)
 
@@ -149,8 +142,8 @@ def data(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] =
          rows: int = typer.Option(3, "--rows", "-n", help="How many training rows to show.")):
     """Preview the training data: the rows training will see (tokenized, length-limited, packed),
     with the loss mask visible. Loads the tokenizer and the data, not the model."""
-    from finetune.config import absolute_paths, compose
-    from finetune.preview import preview
+    from finetune.config.compose import absolute_paths, compose
+    from finetune.tasks.preview import preview
 
     cfg = compose(absolute_paths(list(overrides or [])), config_dir)
     typer.echo(preview(cfg, rows), nl=False)
@@ -167,7 +160,7 @@ def export(run_dir: Path = typer.Argument(..., help="A finished run directory.")
     """Export a run's adapter in another format (peft adapter directory for LoRA and VB-LoRA;
     MoRA types 1-4 with --as-lora)."""
     from finetune import progress
-    from finetune.export import export_run
+    from finetune.outputs.peft_format import export_run
 
     progress.set_quiet(quiet)
     path = export_run(run_dir, format, out, as_lora=as_lora)
@@ -189,9 +182,9 @@ def report(dirs: List[Path] = typer.Argument(..., help="Run directories, or fold
     Columns: method, rank / bank size, trainable and stored parameters, steps, tokens/s, peak memory,
     final loss, the task metric. Plots: loss curves, metric vs rank / bank size, metric vs stored
     parameters."""
-    from finetune.report import table, write_report
-    from finetune.runs import display_path
-    from finetune.table import text_table
+    from finetune.report.report import table, write_report
+    from finetune.run.listing import display_path
+    from finetune.report.table import text_table
 
     result = write_report(dirs, out, plots=not no_plots)
     if not quiet:
@@ -208,8 +201,8 @@ def list_runs(dirs: Optional[List[Path]] = typer.Argument(None, help="Folders to
 
     Status: finished, running, resumable (has a checkpoint), stale (its process died), failed,
     interrupted."""
-    from finetune.runs import describe, find_runs, runs_table
-    from finetune.table import text_table
+    from finetune.run.listing import describe, find_runs, runs_table
+    from finetune.report.table import text_table
 
     records = [describe(path) for path in find_runs(dirs or [Path(".")])]
     if as_json:

@@ -1,10 +1,11 @@
-"""What a run ran on, so that a report can be trusted later: hardware (CPU model and cores, memory,
-GPU name and memory), library versions, the git commit of the code, the process (pid, host, start
-time: lets ``finetune runs`` tell a live run from one whose process died), and peak memory (CUDA
+"""The machine and the process: what a run ran on, so that a report can be trusted later (hardware:
+CPU model and cores, memory, GPU name and memory; library versions; the git commit of the code),
+the process (pid, host, start time: lets ``finetune runs`` tell a live run from one whose process
+died; whether it is one rank of a launch, and the main one), where caches go, and peak memory (CUDA
 allocator peak on GPU, the process's peak resident set size on CPU, reset at the start of each run
 so runs of one sweep process are measured separately).
 
-Nothing here imports torch at module scope: ``finetune runs`` uses the process helpers.
+Nothing here imports torch at module scope: the CLI and ``finetune runs`` use these helpers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,29 @@ from pathlib import Path
 
 PACKAGES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "hydra-core", "safetensors",
             "finetune")
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks and the cache
+# --------------------------------------------------------------------------------------------
+
+
+def in_launched_process() -> bool:
+    """True in a process started by torchrun / accelerate launch (one of several ranks)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def is_main_process() -> bool:
+    """True unless a launcher (torchrun, accelerate launch) says this is not global rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cache_dir() -> Path:
+    """Where finetune caches converted models and tokenized data: FINETUNE_CACHE, else
+    ``$XDG_CACHE_HOME/finetune`` or ``~/.cache/finetune``."""
+    root = os.environ.get("FINETUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "finetune")
+    return Path(root)
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,14 +75,11 @@ def quiet_if(quiet: bool):
             set_quiet(previous)
 
 
-def is_main_process() -> bool:
-    """True unless a launcher (torchrun, accelerate launch) says this is not rank 0."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def bar(total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False, **kwargs):
     """A tqdm bar (with ETA) on stderr, off when quiet, on non-main processes, or ``disable``."""
     from tqdm.auto import tqdm
+
+    from finetune.environment import is_main_process
 
     off = disable or _quiet or not is_main_process()
     return tqdm(total=total, desc=desc, unit=unit, disable=off, dynamic_ncols=True, **kwargs)

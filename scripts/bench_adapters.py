@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Adapter overhead benchmark: training-step time of each method relative to the frozen base.
 
-On one base model (default: the embedded SmolLM2-135M, loaded through ``finetune.models``), in one
+On one base model (default: the embedded SmolLM2-135M, loaded through ``finetune.models.load``), in one
 process, this times one training step — forward, backward, optimizer step — of:
 
     base         the frozen base model, forward + backward only (input embeddings made to require
@@ -85,7 +85,7 @@ def parse_args(argv=None):
 
 def method_settings(method: str) -> dict:
     """The method's settings from the project's config groups, with the benchmark's overrides."""
-    from finetune.config import compose, method_settings as settings_of
+    from finetune.config.compose import compose, method_settings as settings_of
 
     overrides = {"lora": ["method.rank=8", "method.alpha=16", "method.dropout=0.0"],
                  "mora": ["method.rank=8", "method.dropout=0.0"],
@@ -99,8 +99,8 @@ def method_settings(method: str) -> dict:
 def load_base(model_name: str, device: str):
     import torch
 
-    from finetune.config import compose
-    from finetune.models import load_model
+    from finetune.config.compose import compose
+    from finetune.models.load import load_model
 
     cfg = compose([f"model={model_name}", "method=lora", "task=memorize"])
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def build_variant(name: str, base, device: str):
     import torch
 
     from finetune import adapters
-    from finetune.train import make_optimizer
+    from finetune.training.optimizer import make_optimizer
 
     model = copy.deepcopy(base)
     torch.manual_seed(1)

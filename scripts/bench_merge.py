@@ -3,7 +3,7 @@
 on the same LoRA adapter, each run in its own process, alternating.
 
     finetune   `finetune merge RUN --out DIR --dtype D`: base + adapter loaded, ΔW added in fp32,
-               the merged weights converted and written tensor by tensor (finetune.merge).
+               the merged weights converted and written tensor by tensor (finetune.outputs.merge).
     peft       the same adapter exported with `finetune export --format peft`, then what a peft user
                runs: AutoModelForCausalLM.from_pretrained(base) -> PeftModel.from_pretrained ->
                merge_and_unload() -> .to(D) -> save_pretrained (+ the tokenizer, as finetune does).
@@ -112,8 +112,8 @@ def make_run(args, work: Path, env: dict) -> Path:
 
 def base_and_tokenizer(run: Path) -> tuple[str, str]:
     """Where the run's base weights and tokenizer are (what a peft user would load)."""
-    from finetune.merge import run_config
-    from finetune.models import source_dir
+    from finetune.outputs.merge import run_config
+    from finetune.models.load import source_dir
 
     if (run / "base").is_dir():
         base = str(run / "base")

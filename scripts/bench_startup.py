@@ -9,7 +9,7 @@ with the load, CPU time much less.
 
     finetune --help        goal <= 0.3 s   (no torch / transformers import on the CLI path)
     finetune config        goal <= 0.5 s   (Hydra composition + validation, nothing heavy)
-    second model load      goal <= 3 s     (finetune.models.load_model + load_tokenizer of the
+    second model load      goal <= 3 s     (finetune.models.load.load_model + load_tokenizer of the
                                             embedded SmolLM2-135M from its safetensors cache, in
                                             a process that has imported torch already; the import
                                             time and the whole process's wall time are reported too)
@@ -60,8 +60,9 @@ def worker(spec: dict) -> None:
     import transformers  # noqa: F401
 
     t1 = time.perf_counter()
-    from finetune.config import compose
-    from finetune.models import load_model, load_tokenizer
+    from finetune.config.compose import compose
+    from finetune.models.load import load_model
+    from finetune.models.tokenizer import load_tokenizer
 
     cfg = compose([f"model={spec['model']}"])
     t2 = time.perf_counter()

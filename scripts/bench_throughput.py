@@ -100,8 +100,8 @@ def task_overrides(spec: dict, packing: bool) -> list[str]:
 
 
 def build_examples(spec: dict, packing: bool):
-    from finetune.config import compose
-    from finetune.models import load_tokenizer
+    from finetune.config.compose import compose
+    from finetune.models.tokenizer import load_tokenizer
     from finetune.tasks import build_task
 
     cfg = compose(task_overrides(spec, packing))
@@ -131,7 +131,7 @@ def worker_baseline(spec: dict) -> None:
     from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                               TrainingArguments)
 
-    from finetune.models import source_dir
+    from finetune.models.load import source_dir
 
     cfg, tokenizer, examples = build_examples(spec, packing=False)
     rows = [dict(ex, attention_mask=[1] * len(ex["input_ids"])) for ex in examples]

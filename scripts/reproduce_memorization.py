@@ -181,8 +181,8 @@ def read_curve(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def base_eval(args, work: Path, env: dict) -> dict | None:
     """Step 0: the untrained base model (finetune eval on the base weights)."""
-    from finetune.config import compose
-    from finetune.models import source_dir
+    from finetune.config.compose import compose
+    from finetune.models.load import source_dir
 
     model_dir = source_dir(compose([f"model={args.model}"]).model)
     res = run_measured(finetune_cmd("eval", model_dir, *task_overrides(args)), work / "base-eval.log",

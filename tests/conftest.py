@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def tiny_config(*overrides):
     """The `tiny` model group's config (conf/model/tiny.yaml), with overrides."""
-    from finetune.config import compose
+    from finetune.config.compose import compose
 
     return compose(["model=tiny", "method=lora", "task=memorize", *overrides])
 
@@ -30,7 +30,7 @@ def tiny_model(tiny_model_cfg):
     """A fresh tiny LLaMA (2 layers, hidden 128, GQA k/v 128->64, MLP 384), seeded, fp32, eval mode."""
     import torch
 
-    from finetune.models import load_model
+    from finetune.models.load import load_model
 
     torch.manual_seed(0)
     return load_model(tiny_model_cfg).eval()
@@ -38,7 +38,7 @@ def tiny_model(tiny_model_cfg):
 
 @pytest.fixture(scope="session")
 def byte_tokenizer():
-    from finetune.models import byte_tokenizer
+    from finetune.models.tokenizer import byte_tokenizer
 
     return byte_tokenizer()
 

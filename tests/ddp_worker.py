@@ -26,8 +26,8 @@ def window():
 def model_and_adapter():
     """The tiny LLaMA with LoRA, B non-zero so that every adapter tensor gets a gradient."""
     from finetune import adapters
-    from finetune.config import compose
-    from finetune.models import load_model
+    from finetune.config.compose import compose
+    from finetune.models.load import load_model
 
     torch.manual_seed(0)
     model = load_model(compose(["model=tiny", "method=lora"]).model)
@@ -41,8 +41,8 @@ def main(out: str) -> None:
     from accelerate import Accelerator
     from safetensors.torch import save_file
 
-    from finetune.data import collate
-    from finetune.train import accumulate_gradients
+    from finetune.data.batching import collate
+    from finetune.training.loop import accumulate_gradients
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from finetune import checkpoint
+from finetune.training import checkpoint
 from finetune.errors import UserError
-from finetune.resume import plan
-from finetune.signals import RunInterrupted
-from finetune.train import TrainingError, train
+from finetune.training.resume import plan
+from finetune.errors import RunInterrupted, TrainingError
+from finetune.training.loop import train
 
 FAST = ["task.num_pairs=4", "task.eval_limit=1", "task.max_new_tokens=1", "trainer.batch_size=2",
         "trainer.merge=false", "logger=none"]
@@ -174,7 +174,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, uninterrupt
 
 
 def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
-    import finetune.train as loop
+    import finetune.training.loop as loop
 
     real, calls = loop.accumulate_gradients, []
 
@@ -194,7 +194,7 @@ def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, monk
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import finetune.train as loop
+    import finetune.training.loop as loop
 
     real, calls = loop.accumulate_gradients, []
 

@@ -3,7 +3,8 @@ clear line naming the key."""
 
 import pytest
 
-from finetune.config import SCHEMAS, compose, group_options
+from finetune.config.schema import SCHEMAS
+from finetune.config.compose import compose, group_options
 from finetune.errors import UserError
 
 
@@ -116,7 +117,7 @@ def test_configs_are_found_from_an_installed_wheel(tmp_path):
     wheel = next(tmp_path.glob("finetune-*.whl"))
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import finetune.config as c, sys\n"
+    code = ("import finetune.config.compose as c, sys\n"
             f"assert c.__file__.startswith({str(site)!r}), c.__file__\n"
             "cfg = c.compose(['model=tiny', 'method=lora'])\n"
             "assert cfg.model.arch.hidden_size == 128 and cfg.method.rank == 8\n")

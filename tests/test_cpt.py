@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from finetune.examples import Examples
-from finetune.perplexity import perplexity
+from finetune.data.examples import Examples
+from finetune.tasks.perplexity import perplexity
 from finetune.tasks import build_task
 from finetune.tasks.cpt import blocks
 
@@ -86,9 +86,9 @@ def test_perplexity_of_a_known_distribution():
 
 
 def test_train_then_eval_reports_perplexity(tmp_path):
-    from finetune.config import compose
-    from finetune.evaluate import evaluate_path
-    from finetune.train import train
+    from finetune.config.compose import compose
+    from finetune.run.evaluate import evaluate_path
+    from finetune.training.loop import train
 
     corpus = tmp_path / "notes.txt"
     corpus.write_text("the cat sat on the mat. " * 40)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.data import collate, count_loss_tokens, fit_to_length, pack, pack_rows
+from finetune.data.batching import collate, count_loss_tokens, fit_to_length, pack, pack_rows
 from finetune.errors import UserError
-from finetune.examples import Examples, load_examples
-from finetune.loss import causal_lm_loss_sum, model_inputs
-from finetune.sources import Source, fingerprint, load_records
+from finetune.data.examples import Examples, load_examples
+from finetune.models.loss import causal_lm_loss_sum, model_inputs
+from finetune.data.sources import Source, fingerprint, load_records
 
 pytestmark = pytest.mark.usefixtures("data_cache")
 

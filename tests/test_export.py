@@ -21,7 +21,7 @@ from finetune.adapters import lora, vblora
 from finetune.adapters.base import ALL_LINEAR, replace_module
 from finetune.adapters.lora import LoraLayer
 from finetune.errors import UserError
-from finetune.export import (BANK_KEY, CONFIG_FILE, WEIGHTS_FILE, base_module_names, check_payload,
+from finetune.outputs.peft_format import (BANK_KEY, CONFIG_FILE, WEIGHTS_FILE, base_module_names, check_payload,
                              export_peft, export_run, import_peft, peft_payload)
 from conftest import ids, logits_of
 
@@ -358,8 +358,8 @@ def test_export_run_of_a_trained_vblora_run(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_config
-    from finetune.merge import load_run
-    from finetune.train import train
+    from finetune.outputs.merge import load_run
+    from finetune.training.loop import train
 
     run = tmp_path / "run"
     train(tiny_config("method=vblora", "method.vector_length=32", "method.num_vectors=64",
@@ -387,8 +387,8 @@ def test_cli_exports_a_trained_mora_type1_run_as_lora(tmp_path):
 
     from conftest import tiny_config
     from finetune.cli import app
-    from finetune.merge import load_run
-    from finetune.train import train
+    from finetune.outputs.merge import load_run
+    from finetune.training.loop import train
 
     run = tmp_path / "run"
     train(tiny_config("method=mora", "method.rank=4", "method.type=1", "task.num_pairs=4", "task.eval_limit=1",

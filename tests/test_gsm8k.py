@@ -8,7 +8,7 @@ import pytest
 
 from conftest import tiny_config
 from finetune.errors import UserError
-from finetune.formatting import alpaca_prompt
+from finetune.data.formatting import alpaca_prompt
 from finetune.tasks import build_task
 from finetune.tasks.gsm8k import extract_answer, gold_answer, same_answer, score, split_query, to_number
 
@@ -102,9 +102,9 @@ def test_metamath_records(tmp_path, byte_tokenizer):
 
 
 def test_train_then_eval_reports_accuracy(tmp_path):
-    from finetune.config import compose
-    from finetune.evaluate import evaluate_path
-    from finetune.train import train
+    from finetune.config.compose import compose
+    from finetune.run.evaluate import evaluate_path
+    from finetune.training.loop import train
 
     train_path = write(tmp_path / "train.jsonl", gsm8k_records(8))
     test_path = write(tmp_path / "test.jsonl", gsm8k_records(3))

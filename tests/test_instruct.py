@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from finetune.errors import UserError
-from finetune.formatting import alpaca_prompt, chat_row, check_messages, plain_chat_row
+from finetune.data.formatting import alpaca_prompt, chat_row, check_messages, plain_chat_row
 from finetune.tasks import build_task
 
 pytestmark = pytest.mark.usefixtures("data_cache")
@@ -97,9 +97,9 @@ def test_record_errors(tmp_path, byte_tokenizer):
 
 
 def test_train_then_eval_reports_perplexity(tmp_path):
-    from finetune.config import compose
-    from finetune.evaluate import evaluate_path
-    from finetune.train import train
+    from finetune.config.compose import compose
+    from finetune.run.evaluate import evaluate_path
+    from finetune.training.loop import train
 
     records = [{"instruction": f"Say {w}.", "output": f"{w}!"} for w in ["yes", "no", "red", "blue", "up", "down"]]
     records += [{"messages": [{"role": "user", "content": f"Add {i} and 1."},

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from finetune.config import compose
+from finetune.config.compose import compose
 from finetune.errors import UserError
-from finetune.launch import accelerate_args, child_args, plan_processes
-from finetune.train import accumulate_gradients, train
+from finetune.training.launch import accelerate_args, child_args, plan_processes
+from finetune.training.loop import accumulate_gradients, train
 from conftest import OneProcess
 
 TESTS = Path(__file__).parent
@@ -79,7 +79,7 @@ def test_two_ranks_with_unequal_lengths_give_the_one_process_gradient(tmp_path):
                    env=env(), cwd=tmp_path, check=True, capture_output=True, timeout=300)
     two = load_file(str(out))
     model, adapter = ddp_worker.model_and_adapter()
-    from finetune.data import collate
+    from finetune.data.batching import collate
 
     loss, tokens = accumulate_gradients(model, [collate(ddp_worker.window(), ddp_worker.PAD)], OneProcess())
     assert abs(two.pop("loss").item() - loss) < 1e-5
@@ -89,7 +89,7 @@ def test_two_ranks_with_unequal_lengths_give_the_one_process_gradient(tmp_path):
 
 
 def _free_port():
-    from finetune.launch import free_port
+    from finetune.training.launch import free_port
 
     return free_port()
 

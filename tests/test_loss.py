@@ -11,8 +11,8 @@ import torch
 from conftest import tiny_config
 from finetune import adapters
 from finetune.errors import UserError
-from finetune.loss import ChunkedLinearCrossEntropy, causal_lm_loss_sum, chunked_loss_sum
-from finetune.train import accumulate_gradients
+from finetune.models.loss import ChunkedLinearCrossEntropy, causal_lm_loss_sum, chunked_loss_sum
+from finetune.training.loop import accumulate_gradients
 from conftest import OneProcess
 
 
@@ -175,7 +175,7 @@ def test_config_key():
 
 
 def test_packed_rows_with_position_ids(tiny_model):
-    """Packed rows (finetune.data.pack: position ids restart per example, no padding mask)."""
+    """Packed rows (finetune.data.batching.pack: position ids restart per example, no padding mask)."""
     adapter = adapted(tiny_model, "lora")
     g = torch.Generator().manual_seed(9)
     ids = torch.randint(0, 256, (2, 20), generator=g)

@@ -9,8 +9,8 @@ import torch
 
 from conftest import tiny_config
 from finetune.errors import UserError
-from finetune.merge import load_run, merge_run
-from finetune.train import train
+from finetune.outputs.merge import load_run, merge_run
+from finetune.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,8 @@ def test_merge_reads_a_bf16_base_in_bf16_and_writes_the_same_weights(tmp_path):
     is exact and ΔW is added in fp32 per tensor, the output equals the fp32-loaded merge bit for bit."""
     from safetensors.torch import load_file
 
-    from finetune.models import load_model
-    from finetune.streaming import save_merged
+    from finetune.models.load import load_model
+    from finetune.outputs.streaming import save_merged
 
     torch.manual_seed(0)
     base_dir = tmp_path / "bf16-base"

@@ -20,7 +20,7 @@ from finetune.adapters.base import find_targets
 from finetune.adapters.mora import (AUTO_TYPE1_MIN_RANK, MoraLayer, attach, mora_rank, num_blocks,
                                     operators)
 from finetune.errors import UserError
-from finetune.schedule import WarmupDecay
+from finetune.training.schedule import WarmupDecay
 
 TYPES = (1, 2, 3, 4, 6)
 
@@ -340,7 +340,7 @@ def test_zero_init_equals_base_and_gradient_is_nonzero(mora_type):
 
 
 def test_no_alpha_no_scaling():
-    from finetune.config import compose
+    from finetune.config.compose import compose
 
     layer = MoraLayer(nn.Linear(16, 16), 4, 1)
     assert not hasattr(layer, "scaling")
@@ -660,7 +660,7 @@ def test_to_float64_after_first_forward(tiny_model):
 
 @pytest.mark.parametrize("mora_type", [1, 6])
 def test_save_load_round_trip(tiny_model, tiny_model_cfg, tmp_path, mora_type):
-    from finetune.models import load_model
+    from finetune.models.load import load_model
 
     ids = _ids()
     adapter = attach_method(tiny_model, "mora", {"rank": 8, "type": mora_type, "dropout": 0.05})
@@ -834,7 +834,7 @@ def test_remora_off_is_a_no_op():
 def test_remora_layer_types_reload(tiny_model, tiny_model_cfg, tmp_path):
     """After a trigger, the saved adapter re-attaches with each layer's new type (the modified base
     weights travel with the checkpoint, not the adapter file)."""
-    from finetune.models import load_model
+    from finetune.models.load import load_model
 
     ids = _ids()
     adapter = attach_method(tiny_model, "mora", {"rank": 8, "type": 1, "remora_every": 3})

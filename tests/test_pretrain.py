@@ -11,7 +11,7 @@ import torch
 from finetune import adapters
 from finetune.adapters.base import unfreeze_modules
 from finetune.errors import UserError
-from finetune.schedule import make_scheduler
+from finetune.training.schedule import make_scheduler
 
 pytestmark = pytest.mark.usefixtures("data_cache")
 
@@ -72,8 +72,8 @@ def corpus(tmp_path_factory, data_cache):
 
 
 def pretrain(tmp_path, corpus, *overrides):
-    from finetune.config import compose
-    from finetune.train import train
+    from finetune.config.compose import compose
+    from finetune.training.loop import train
 
     args = ["model=tiny", "task=pretrain", f"task.data.path={corpus}", "task.max_length=48",
             "task.eval_holdout=4", "trainer.max_steps=4", "trainer.batch_size=2", "trainer.lr=1e-2",
@@ -88,8 +88,8 @@ def test_a_run_whose_base_changed_is_saved_with_its_base(tmp_path, corpus, metho
     transformers) has the adapted model's logits."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.evaluate import evaluate_path
-    from finetune.merge import load_run
+    from finetune.run.evaluate import evaluate_path
+    from finetune.outputs.merge import load_run
 
     every = "method.remora_every=2" if method == "mora" else "method.relora_every=2"
     result, run = pretrain(tmp_path, corpus, f"method={method}", every, f"trainer.merge={method == 'mora'}")
@@ -109,7 +109,7 @@ def test_a_run_whose_base_changed_is_saved_with_its_base(tmp_path, corpus, metho
 
 
 def test_pretrain_needs_a_random_init_model():
-    from finetune.config import compose
+    from finetune.config.compose import compose
 
     assert compose(["task=pretrain"]).model.name == "smollm2-16m-random"  # its default model
     assert compose(["task=pretrain", "model=tiny"]).model.name == "tiny"  # the command line wins

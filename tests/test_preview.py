@@ -5,9 +5,9 @@ from typer.testing import CliRunner
 
 from conftest import tiny_config
 from finetune.cli import app
-from finetune.data import IGNORE, collate, count_loss_tokens, pack
-from finetune.examples import Examples
-from finetune.preview import render_row, spans, summary
+from finetune.data.batching import IGNORE, collate, count_loss_tokens, pack
+from finetune.data.examples import Examples
+from finetune.tasks.preview import render_row, spans, summary
 
 ROWS = [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, IGNORE, 3, 4]},
         {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
@@ -48,7 +48,7 @@ def test_render_row_marks_context_and_loss(byte_tokenizer):
 
 
 def test_cli_previews_the_rows_training_uses():
-    from finetune.models import load_tokenizer
+    from finetune.models.tokenizer import load_tokenizer
     from finetune.tasks import build_task
 
     cfg = tiny_config("task.num_pairs=3")

@@ -11,7 +11,7 @@ Tolerances (why these numbers):
   merged-vs-unmerged fp32 tolerance (§6), since only fp32 summation order differs.
 - Logits, through bitsandbytes' own compute path (the adapted model exactly as trained):
   * 4-bit: on the CPU, bitsandbytes multiplies by exactly dequant(W) in the compute dtype (fp32) —
-    once `finetune.models.keep_4bit_layout` has switched off its AVX512-BF16 repacking — so the
+    once `finetune.models.load.keep_4bit_layout` has switched off its AVX512-BF16 repacking — so the
     same 1e-5 holds (measured: ≤ 7e-7).
   * 8-bit: LLM.int8 also quantizes the *activations* (row-wise absmax to int8, through fp16) on
     every matmul, so even the un-adapted base differs from its dequantized dense twin by D0
@@ -31,8 +31,8 @@ import bitsandbytes  # noqa: F401 (a dependency: fail, never skip, if it is miss
 from conftest import tiny_config  # noqa: E402
 from finetune.adapters.base import dense_weight, is_quantized  # noqa: E402
 from finetune.errors import UserError  # noqa: E402
-from finetune.merge import MARKER, dequantize_model, load_run, merge_run  # noqa: E402
-from finetune.train import train  # noqa: E402
+from finetune.outputs.merge import MARKER, dequantize_model, load_run, merge_run  # noqa: E402
+from finetune.training.loop import train  # noqa: E402
 
 METHODS = {
     "lora": [],
@@ -178,7 +178,7 @@ def test_tiny_model_dimensions_fit_the_bitsandbytes_blocks(tmp_path, double_quan
     has a row length that is a multiple of 64, so no block straddles two rows, and the dequantized
     weight is within NF4's largest half-gap (0.152) of the block absmax. 8-bit: row-wise absmax
     int8, error ≤ half a step (absmax/254) plus fp16 rounding of the scale."""
-    from finetune.models import load_model
+    from finetune.models.load import load_model
 
     torch.manual_seed(0)
     cfg4 = tiny_config("model.quantize=4bit", f"model.double_quant={str(double_quant).lower()}").model
@@ -211,7 +211,7 @@ def test_evaluation_does_not_change_the_4bit_training_path(tmp_path):
     silently wrong. Our loader switches the repacking off: gradients after an evaluation equal
     those of a fresh model."""
     from finetune import adapters
-    from finetune.models import load_model
+    from finetune.models.load import load_model
 
     torch.manual_seed(0)
     cfg = tiny_config("model.quantize=4bit").model
@@ -239,7 +239,7 @@ def test_attach_also_pins_the_4bit_layout_of_models_loaded_elsewhere(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from finetune import adapters
-    from finetune.models import load_model, quantization_config
+    from finetune.models.load import load_model, quantization_config
 
     torch.manual_seed(0)
     cfg = tiny_config("model.quantize=4bit").model
@@ -254,7 +254,7 @@ def test_attach_also_pins_the_4bit_layout_of_models_loaded_elsewhere(tmp_path):
 def test_quantized_base_with_fully_trained_modules_merges(tmp_path):
     """task.train_modules on a quantized base: RUN_DIR/base then holds the bitsandbytes checkpoint
     with the trained norms; the merge dequantizes it (no original weights left: refused clearly)."""
-    from finetune.config import compose
+    from finetune.config.compose import compose
     from safetensors.torch import load_file
 
     out = tmp_path / "run"

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.environment import process_identity
 from finetune.errors import UserError
-from finetune.plots import DPI, FIGSIZE
-from finetune.report import throughput
-from finetune.runs import describe, find_runs, run_status
+from finetune.report.plots import DPI, FIGSIZE
+from finetune.report.report import throughput
+from finetune.run.listing import describe, find_runs, run_status
 
 PNG_SIZE = (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import compose, group_options
+from finetune.config.compose import compose, group_options
 from finetune.errors import UserError
 
 PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
@@ -103,7 +103,7 @@ def test_trust_remote_code_defaults_to_false(model):
 
 
 def test_a_package_path_names_one_package_and_imports_nothing():
-    from finetune.models import resolve_path
+    from finetune.models.paths import resolve_path
 
     with pytest.raises(UserError, match="pkg: takes the name of one installed top-level Python package"):
         resolve_path("pkg:os.path")
@@ -113,7 +113,7 @@ def test_a_package_path_names_one_package_and_imports_nothing():
 
 def test_a_run_writes_no_pickle_files(tmp_path):
     from conftest import tiny_config
-    from finetune.train import train
+    from finetune.training.loop import train
 
     run = tmp_path / "run"
     train(tiny_config("task.num_pairs=2", "task.eval_limit=1", "task.max_new_tokens=1", "trainer.max_steps=2",

@@ -1,4 +1,4 @@
-"""The streaming merge writer (finetune.streaming, used by `finetune merge`): the files it writes
+"""The streaming merge writer (finetune.outputs.streaming, used by `finetune merge`): the files it writes
 equal the in-place merge + save_pretrained, tensor for tensor, in every dtype, with shards, and
 transformers loads them."""
 
@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from finetune import adapters
-from finetune.streaming import INDEX_FILE, SINGLE_FILE, save_merged
+from finetune.outputs.streaming import INDEX_FILE, SINGLE_FILE, save_merged
 
 
 def tensors(directory):
@@ -24,7 +24,7 @@ def tensors(directory):
 
 
 def adapted(tiny_model_cfg, method):
-    from finetune.models import load_model
+    from finetune.models.load import load_model
 
     torch.manual_seed(0)
     model = load_model(tiny_model_cfg).eval()
@@ -98,7 +98,7 @@ def test_non_finite_merge_is_refused(tiny_model_cfg, tmp_path):
 
 
 def test_fallback_and_full_fine_tuning_write_the_same(tiny_model_cfg, tmp_path, monkeypatch):
-    import finetune.streaming as streaming
+    import finetune.outputs.streaming as streaming
 
     model, adapter = adapted(tiny_model_cfg, "vblora")
     assert save_merged(model, adapter, tmp_path / "streamed", "bfloat16") == "streamed"
@@ -110,7 +110,7 @@ def test_fallback_and_full_fine_tuning_write_the_same(tiny_model_cfg, tmp_path, 
     a, b = tensors(tmp_path / "streamed"), tensors(tmp_path / "fallback")
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
-    from finetune.models import load_model
+    from finetune.models.load import load_model
 
     torch.manual_seed(0)
     model = load_model(tiny_model_cfg)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import UserError
-from finetune.sweep import expand, plan, run_name
+from finetune.report.sweep import expand, plan, run_name
 
 TINY = ["model=tiny", "trainer.max_steps=2", "task.num_pairs=4", "trainer.merge=false", "trainer.batch_size=2",
         "task.max_new_tokens=4", "task.eval_limit=2"]
@@ -72,8 +72,8 @@ def test_a_comma_list_without_multirun_points_to_it():
 
 
 def _fake_train(fail_on):
-    """A stand-in for finetune.train.train: fails (TrainingError or a crash) for some ranks."""
-    from finetune.train import TrainingError
+    """A stand-in for finetune.training.loop.train: fails (TrainingError or a crash) for some ranks."""
+    from finetune.errors import TrainingError
 
     def train(cfg, overrides, quiet=False, config_dir=None):
         Path(cfg.output_dir).mkdir(parents=True)
@@ -87,9 +87,9 @@ def _fake_train(fail_on):
 
 
 def test_failed_runs_do_not_stop_the_sweep_unless_fail_fast(tmp_path, monkeypatch):
-    import finetune.train
+    import finetune.training.loop
 
-    monkeypatch.setattr(finetune.train, "train", _fake_train({"training": 4, "crash": 6}))
+    monkeypatch.setattr(finetune.training.loop, "train", _fake_train({"training": 4, "crash": 6}))
     r = CliRunner().invoke(app, ["train", "-m", "model=tiny", "method.rank=2,4,6,8", f"output_dir={tmp_path / 'a'}"])
     assert r.exit_code == 1
     sweep = json.loads((tmp_path / "a" / "sweep.json").read_text())
@@ -106,8 +106,8 @@ def test_failed_runs_do_not_stop_the_sweep_unless_fail_fast(tmp_path, monkeypatc
 
 
 def test_a_signal_stops_the_sweep_and_a_rerun_continues_unfinished_runs(tmp_path, monkeypatch):
-    import finetune.train
-    from finetune.signals import RunInterrupted
+    import finetune.training.loop
+    from finetune.errors import RunInterrupted
 
     seen = []
 
@@ -122,7 +122,7 @@ def test_a_signal_stops_the_sweep_and_a_rerun_continues_unfinished_runs(tmp_path
         (run / "run.json").write_text(json.dumps({"status": "finished"}))
         return {"run_dir": str(run), "metric": "char_acc", "metrics": {"char_acc": 0.5}}
 
-    monkeypatch.setattr(finetune.train, "train", train)
+    monkeypatch.setattr(finetune.training.loop, "train", train)
     args = ["train", "-m", "model=tiny", "method.rank=2,4,8", f"output_dir={tmp_path / 's'}"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 128 + 15
@@ -184,7 +184,7 @@ def test_2x2_sweep_then_report_runs_and_tensorboard(tmp_path, one_thread):
     assert all(float(row["tokens_per_s"]) > 0 and int(row["stored_params"]) > 0 for row in table)
     from matplotlib.image import imread
 
-    from finetune.plots import DPI, FIGSIZE
+    from finetune.report.plots import DPI, FIGSIZE
 
     for name in ["loss.png", "metric_vs_size.png", "metric_vs_params.png"]:
         height, width = imread(out / name).shape[:2]

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune.errors import UserError
-from finetune.tracking import TENSORBOARD_DIR, flat_hparams, log_with
+from finetune.training.tracking import TENSORBOARD_DIR, flat_hparams, log_with
 
 
 def test_logger_none_gives_accelerate_no_trackers_and_no_warning(tmp_path):
@@ -27,9 +27,11 @@ def test_default_logger_is_tensorboard_in_the_run_directory(tmp_path):
     tracker.finish()
 
 
-def test_unknown_logger_is_one_line_error(tmp_path):
+def test_unknown_logger_is_one_line_error():
+    from finetune.config.compose import compose
+
     with pytest.raises(UserError, match="logger=mlflow: allowed: tensorboard, wandb, none"):
-        log_with(OmegaConf.create({"logger": "mlflow"}), tmp_path)
+        compose(["model=tiny", "logger=mlflow"])
 
 
 def test_hparams_are_flat_scalars():

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from conftest import OneProcess, tiny_config
 from finetune import adapters
-from finetune.data import collate
+from finetune.data.batching import collate
 from finetune.errors import UserError
-from finetune.train import accumulate_gradients, train
+from finetune.training.loop import accumulate_gradients, train
 
 
 def run_tiny(tmp_path, *overrides, name="run"):
@@ -84,7 +84,7 @@ def test_token_level_normalisation_with_unequal_lengths(tiny_model):
 def test_only_adapter_weights_change(tmp_path):
     run_tiny(tmp_path, "trainer.max_steps=2", "trainer.lr=1e-2")
     base = load_file(tmp_path / "run" / "base" / "model.safetensors")
-    from finetune.merge import load_run
+    from finetune.outputs.merge import load_run
 
     model, adapter, _, _ = load_run(tmp_path / "run")
     state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}

@@ -498,7 +498,7 @@ def test_gradient_checkpointing(tiny_model, reentrant):
 
 
 def test_attach_from_config_group(tiny_model):
-    from finetune.config import compose, method_settings
+    from finetune.config.compose import compose, method_settings
 
     cfg = compose(["model=tiny", "method=vblora", "task=memorize", "method.vector_length=32"])
     settings = method_settings(cfg)

@@ -1,7 +1,7 @@
 """Method registry and the own adapter file format.
 
 ``attach(model, method_cfg)`` dispatches to ``finetune.adapters.<method>.attach``, whose keyword
-arguments are exactly the fields of that method's config (``finetune.config``). An adapter is saved
+arguments are exactly the fields of that method's config (``finetune.config.schema``). An adapter is saved
 as ``adapter.safetensors`` (tensors) plus ``adapter.json`` (method, settings, base model).
 """
 

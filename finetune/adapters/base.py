@@ -70,7 +70,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         if getattr(w.quant_state, "packing_format_for_cpu", False):
             raise RuntimeError(f"this {type(module).__name__} weight was repacked by bitsandbytes for its CPU "
                                "inference kernel and no longer dequantizes exactly; load the model with "
-                               "finetune.models.load_model, or attach the adapter before any eval forward")
+                               "finetune.models.load.load_model, or attach the adapter before any eval forward")
         return bnbf.dequantize_4bit(w.data, w.quant_state).float()
     if kind == "8bit":
         state = getattr(module, "state", None)
@@ -244,7 +244,7 @@ def inject(model: nn.Module, targets, make_layer: Callable[[str, nn.Module], Ada
     for module in model.modules():
         # bitsandbytes would repack 4-bit weights for a bf16 CPU kernel without autograd at the first
         # no-grad eval forward, after which gradients through them are wrong: keep the standard
-        # layout and exact path (as finetune.models.keep_4bit_layout does when loading).
+        # layout and exact path (as finetune.models.load.keep_4bit_layout does when loading).
         if _is_bnb(module) == "4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     layers = {}
@@ -355,7 +355,7 @@ class Adapter:
     BASE_WEIGHT_KEY = "::base_weight"
 
     def training_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a training checkpoint (finetune.checkpoint) stores to continue the run exactly: the
+        """What a training checkpoint (finetune.training.checkpoint) stores to continue the run exactly: the
         adapter tensors and, when training merges into the base (:meth:`merges_into_base`), the
         current base weight of every adapted layer (``<layer>::base_weight``)."""
         state = dict(self.state_dict())

@@ -399,12 +399,12 @@ def reset_optimizer_state(optimizer, params) -> None:
 
 
 def restart_schedule(scheduler, step: int, warmup: int) -> None:
-    """Jagged restart (§3 step 5) of a LambdaLR over :class:`finetune.schedule.WarmupDecay`: each
+    """Jagged restart (§3 step 5) of a LambdaLR over :class:`finetune.training.schedule.WarmupDecay`: each
     group re-warms linearly over ``warmup`` steps to its LR at the trigger, then decays to 0 at the
     end of the run. The groups' current LR is refreshed at once, so no step runs at the old LR."""
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if not lambdas or not all(hasattr(f, "restart") for f in lambdas):
-        raise TypeError("ReMoRA needs a LambdaLR over finetune.schedule.WarmupDecay "
+        raise TypeError("ReMoRA needs a LambdaLR over finetune.training.schedule.WarmupDecay "
                         f"(got {type(scheduler).__name__})")
     for f in {id(f): f for f in lambdas}.values():  # LambdaLR shares one callable across groups:
         f.restart(step, warmup)                      # restart each schedule once

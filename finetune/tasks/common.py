@@ -8,9 +8,9 @@ import logging
 
 import numpy as np
 
-from finetune.data import IGNORE, fit_to_length, pack
+from finetune.data.batching import IGNORE, fit_to_length, pack
 from finetune.errors import UserError
-from finetune.sources import Source
+from finetune.data.sources import Source
 
 log = logging.getLogger("finetune")
 

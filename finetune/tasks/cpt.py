@@ -22,10 +22,10 @@ import sys
 
 import numpy as np
 
-from finetune.data import IGNORE, segment_positions
+from finetune.data.batching import IGNORE, segment_positions
 from finetune.errors import UserError
-from finetune.examples import Examples, load_examples
-from finetune.sources import Source, fingerprint, load_records
+from finetune.data.examples import Examples, load_examples
+from finetune.data.sources import Source, fingerprint, load_records
 from finetune.tasks.common import eval_source, first, holdout_split
 
 FORMAT_VERSION = 1
@@ -119,7 +119,7 @@ class Task:
 
     # -- metric --------------------------------------------------------------------------------
     def evaluate(self, model, device) -> dict:
-        from finetune.perplexity import perplexity
+        from finetune.tasks.perplexity import perplexity
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return perplexity(model, self.eval_examples(), pad, device, self.cfg.eval_batch_size)

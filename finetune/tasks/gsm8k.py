@@ -9,7 +9,7 @@ Training data (``task.source``):
   ``task.data.path`` is given (the MoRA / VB-LoRA training set; responses end with
   ``The answer is: <answer>``).
 
-Format (§6.2): the Alpaca layout (finetune.formatting) with the question as the instruction
+Format (§6.2): the Alpaca layout (finetune.data.formatting) with the question as the instruction
 (MetaMathQA: the query's first line; its other lines are the input); the target is the answer +
 EOS, and only the target has loss.
 
@@ -33,9 +33,9 @@ import re
 from fractions import Fraction
 
 from finetune.errors import UserError
-from finetune.examples import load_examples
-from finetune.formatting import alpaca_prompt, completion_row, prompt_ids
-from finetune.sources import Source, fingerprint, is_local, load_records, require_fields
+from finetune.data.examples import load_examples
+from finetune.data.formatting import alpaca_prompt, completion_row, prompt_ids
+from finetune.data.sources import Source, fingerprint, is_local, load_records, require_fields
 from finetune.tasks.common import data_source, eval_source, finish, first, holdout_split
 
 FORMAT_VERSION = 1
@@ -209,7 +209,7 @@ class Task:
 
     # -- metric --------------------------------------------------------------------------------
     def evaluate(self, model, device) -> dict:
-        from finetune.generate import greedy_generate
+        from finetune.models.generate import greedy_generate
 
         items = first(self.eval_items(), self.cfg.eval_limit)
         prompts = [prompt_ids(self.tokenizer, p) for p, _ in items]

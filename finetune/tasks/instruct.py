@@ -9,7 +9,7 @@ default hub ``yahma/alpaca-cleaned``):
 
 Format (``task.template``): ``auto`` uses the tokenizer's chat template when it has one, else
 ``plain``; ``tokenizer`` insists on the template; ``plain`` is the fallback layout — Alpaca records
-in the Alpaca layout (as for GSM8K), chat records with ``<|role|>`` tags (finetune.formatting).
+in the Alpaca layout (as for GSM8K), chat records with ``<|role|>`` tags (finetune.data.formatting).
 Through a template, an Alpaca record is one user turn (instruction, a blank line, the input) and
 one assistant turn (the output). Loss is on assistant tokens only, and every assistant turn ends
 with EOS.
@@ -21,9 +21,9 @@ on ``task.eval_path`` or the last ``task.eval_holdout`` records.
 from __future__ import annotations
 
 from finetune.errors import UserError
-from finetune.examples import load_examples
-from finetune.formatting import alpaca_prompt, chat_row, check_messages, completion_row, plain_chat_row
-from finetune.sources import fingerprint, load_records
+from finetune.data.examples import load_examples
+from finetune.data.formatting import alpaca_prompt, chat_row, check_messages, completion_row, plain_chat_row
+from finetune.data.sources import fingerprint, load_records
 from finetune.tasks.common import data_source, eval_source, finish, first, holdout_split
 
 FORMAT_VERSION = 1
@@ -151,7 +151,7 @@ class Task:
 
     # -- metric --------------------------------------------------------------------------------
     def evaluate(self, model, device) -> dict:
-        from finetune.perplexity import perplexity
+        from finetune.tasks.perplexity import perplexity
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return perplexity(model, self.eval_examples(), pad, device, self.cfg.eval_batch_size)

@@ -71,7 +71,7 @@ class Task:
         return out
 
     def evaluate(self, model, device) -> dict:
-        from finetune.generate import greedy_generate
+        from finetune.models.generate import greedy_generate
 
         limit = self.cfg.eval_limit or len(self.pairs)
         pairs = self.pairs[:limit]

@@ -19,76 +19,20 @@ import os
 import socket
 from pathlib import Path
 
+from finetune.environment import in_launched_process
 from finetune.errors import UserError
 
-LAUNCHERS = ("none", "ddp", "fsdp", "deepspeed")
 ACCELERATE_CONFIGS = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "deepspeed": "deepspeed-zero3.yaml"}
 MULTI_NODE_PORT = 29500
 
 
-def in_launched_process() -> bool:
-    """True in a process started by torchrun / accelerate launch (one of several ranks)."""
-    return "LOCAL_RANK" in os.environ
-
-
-def is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def warn_if_not_launched(cfg) -> None:
-    """``finetune.train.train`` called directly (a sweep, a script) trains in this one process."""
+    """``finetune.training.loop.train`` called directly (a sweep, a script) trains in this one process."""
     import sys
 
     if cfg.launcher.name != "none" and not in_launched_process() and (cfg.launcher.num_processes or 1) > 1:
         print(f"finetune: warning: launcher={cfg.launcher.name} is not applied here: this run trains in one "
               "process (`finetune train` launches several)", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Validation (at compose time)
-# --------------------------------------------------------------------------------------------
-
-
-def check_launcher(cfg) -> None:
-    """The launcher settings alone and with the trainer's; one line naming the key."""
-    l = cfg.launcher
-    if l.name not in LAUNCHERS:
-        raise UserError(f"launcher.name={l.name!r}: allowed: {', '.join(LAUNCHERS)}")
-    if l.num_processes is not None and l.num_processes < 1:
-        raise UserError(f"launcher.num_processes={l.num_processes}: must be >= 1 (or null: one per GPU)")
-    if l.num_machines < 1:
-        raise UserError(f"launcher.num_machines={l.num_machines}: must be >= 1")
-    if not 0 <= l.machine_rank < l.num_machines:
-        raise UserError(f"launcher.machine_rank={l.machine_rank}: must be in [0, {l.num_machines - 1}] "
-                        f"(launcher.num_machines={l.num_machines})")
-    if l.main_process_port is not None and not 1 <= l.main_process_port <= 65535:
-        raise UserError(f"launcher.main_process_port={l.main_process_port}: must be a port in [1, 65535]")
-    if l.name == "none":
-        if (l.num_processes or 1) > 1 or l.num_machines > 1:
-            raise UserError(f"launcher.num_processes={l.num_processes} needs a launcher: add launcher=ddp "
-                            "(or fsdp, deepspeed)")
-        return
-    if l.num_machines > 1 and not l.main_process_ip:
-        raise UserError(f"launcher.num_machines={l.num_machines}: set launcher.main_process_ip to the address "
-                        "of the machine with launcher.machine_rank=0")
-    if l.num_machines > 1 and not cfg.output_dir:
-        raise UserError(f"launcher.num_machines={l.num_machines}: set output_dir to a directory on storage "
-                        "every machine shares (the run directory is written once, by the main process)")
-    if l.num_processes is not None and l.num_processes % l.num_machines:
-        raise UserError(f"launcher.num_processes={l.num_processes}: must be a multiple of "
-                        f"launcher.num_machines={l.num_machines} (it counts the processes of all machines)")
-    if l.config_file and not Path(l.config_file).expanduser().is_file():
-        raise UserError(f"launcher.config_file={l.config_file}: no such file")
-    if l.name in ("fsdp", "deepspeed") and cfg.model.quantize not in (None, "none"):
-        raise UserError(f"model.quantize={cfg.model.quantize} with launcher={l.name}: a 4/8-bit base is not "
-                        "sharded here; use launcher=ddp (every GPU holds the small quantized base)")
-    if l.name == "deepspeed" and cfg.trainer.grad_accum > 1:
-        raise UserError(f"trainer.grad_accum={cfg.trainer.grad_accum} with launcher=deepspeed: DeepSpeed's engine "
-                        "steps after every backward here; use trainer.grad_accum=1 and a larger "
-                        "trainer.batch_size or more processes")
-    if l.name == "deepspeed" and (cfg.trainer.save_every or cfg.trainer.resume):
-        raise UserError("trainer.save_every / trainer.resume with launcher=deepspeed: checkpoints of "
-                        "DeepSpeed's partitioned optimizer are not supported; use launcher=fsdp or ddp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,8 +97,8 @@ def launch_training(cfg, overrides: list[str], config_dir: str | None = None, qu
     launcher (train here)."""
     import torch
 
-    from finetune.resume import RUN_DIR_ENV, decide_output_dir, plan
-    from finetune.train import device_type, mixed_precision
+    from finetune.training.resume import RUN_DIR_ENV, decide_output_dir, plan
+    from finetune.models.device import device_type, mixed_precision
 
     device = device_type(cfg.trainer)
     gpus = torch.cuda.device_count() if device == "cuda" else 0

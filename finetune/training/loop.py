@@ -1,13 +1,13 @@
 """The training loop, top to bottom, on Hugging Face Accelerate (one CPU/GPU up to multi-node).
 
-    set-up:  run directory (decided once by the main process: new, or continued — finetune.resume)
+    set-up:  run directory (decided once by the main process: new, or continued — finetune.training.resume)
              → seed → tokenizer + task data → base model → method attached → AdamW (parameter
              groups from the method) → warmup + decay schedule → checkpoint restored, if resuming
     loop:    per optimizer step, ``grad_accum`` micro-batches; the loss is the sum of token losses
              over the whole window (all micro-batches, all processes) divided by the window's
              token count, so batch 8 × accumulation 1 == batch 1 × accumulation 8;
-             every ``save_every`` steps a checkpoint (finetune.checkpoint); on SIGINT/SIGTERM a
-             checkpoint, then stop (finetune.signals)
+             every ``save_every`` steps a checkpoint (finetune.training.checkpoint); on SIGINT/SIGTERM a
+             checkpoint, then stop (finetune.training.signals)
     end:     evaluate the task metric → save adapter, tokenizer (and random-init base)
              → merged model → run.json says finished
 """
@@ -16,84 +16,36 @@ from __future__ import annotations
 
 import math
 import signal
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 
 import torch
 
-from finetune import adapters, checkpoint, progress, tracking
+from finetune import adapters, progress
 from finetune.adapters.base import unfreeze_modules
-from finetune.config import method_settings, to_container
-from finetune.distributed import any_rank, broadcast_object, whole_parameters
-from finetune.resume import Start, abandon, open_run, resume_command
-from finetune.launch import in_launched_process, warn_if_not_launched
-from finetune.signals import RunInterrupted, StopSignals
-from finetune.environment import environment_info, peak_memory_mb, process_identity, reset_peak_memory
-from finetune.data import ExampleStream, collate, count_loss_tokens
-from finetune.errors import UserError
-from finetune.loss import causal_lm_loss_sum
-from finetune.models import load_model, load_tokenizer
-from finetune.rundir import RunDir
-from finetune.schedule import make_scheduler
+from finetune.config.compose import method_settings, to_container
+from finetune.data.batching import ExampleStream, collate, count_loss_tokens
+from finetune.environment import (environment_info, in_launched_process, peak_memory_mb, process_identity,
+                                  reset_peak_memory)
+from finetune.errors import RunInterrupted, TrainingError, UserError
+from finetune.models.device import base_dtype, device_type, mixed_precision
+from finetune.models.load import count_params, load_model
+from finetune.models.loss import causal_lm_loss_sum
+from finetune.models.tokenizer import load_tokenizer
+from finetune.run.directory import RunDir
 from finetune.tasks import build_task
-
-
-class TrainingError(Exception):
-    """A run that cannot go on (e.g. a non-finite loss). Reported in one line, exit code 1."""
+from finetune.training import checkpoint, tracking
+from finetune.training.distributed import any_rank, broadcast_object, whole_parameters
+from finetune.training.launch import warn_if_not_launched
+from finetune.training.optimizer import make_optimizer
+from finetune.training.resume import Start, abandon, open_run, resume_command
+from finetune.training.schedule import make_scheduler
+from finetune.training.signals import StopSignals
 
 
 # --------------------------------------------------------------------------------------------
 # Building blocks (also used by eval and merge)
 # --------------------------------------------------------------------------------------------
-
-
-def device_type(trainer_cfg) -> str:
-    if trainer_cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if trainer_cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu")
-    return trainer_cfg.device
-
-
-def mixed_precision(trainer_cfg, device: str) -> str:
-    p = trainer_cfg.precision
-    if p == "auto":
-        return "bf16" if device == "cuda" else "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p]
-
-
-def base_dtype(cfg, device: str) -> str:
-    """Frozen bases may be 16-bit on GPU; trained weights (method=full) stay fp32 masters."""
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    if device == "cuda" and cfg.method.name != "full" and not cfg.model.quantize:
-        return "bfloat16"
-    return "float32"
-
-
-def make_optimizer(adapter, trainer_cfg, full: dict | None = None):
-    """AdamW over the method's parameter groups, plus the base modules trained in full (``full``,
-    from ``unfreeze_modules``): matrices with the weight decay, vectors (norms, biases) without."""
-    groups = adapter.param_groups(trainer_cfg.lr, trainer_cfg.weight_decay)
-    full = list((full or {}).values())
-    for name, params, decay in (("full_matrices", [p for p in full if p.dim() > 1], trainer_cfg.weight_decay),
-                                ("full_vectors", [p for p in full if p.dim() <= 1], 0.0)):
-        if params:
-            groups.append({"params": params, "lr": trainer_cfg.lr, "weight_decay": decay, "name": name})
-    for g in groups:
-        g.setdefault("lr", trainer_cfg.lr)
-    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups],
-                             lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay)
-
-
-def count_params(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            state = getattr(p, "quant_state", None)  # bitsandbytes 4-bit: packed storage, count the matrix
-            total += math.prod(state.shape) if getattr(state, "shape", None) is not None else p.numel()
-    return total
 
 
 def accumulate_gradients(model, micro_batches: list[dict], accelerator, loss_chunk: int = 0
@@ -103,7 +55,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator, loss_chu
     Each micro-batch's summed token loss is divided by the token count of the *whole* window
     across all processes (times the process count, since DDP averages gradients), so the
     gradient is Σ token-loss gradients / Σ tokens however the window is split.
-    ``loss_chunk > 0``: the cross-entropy over chunks of that many tokens (finetune.loss).
+    ``loss_chunk > 0``: the cross-entropy over chunks of that many tokens (finetune.models.loss).
     Returns (mean token loss over the window, input tokens processed by all processes)."""
     device = accelerator.device
     world = accelerator.num_processes
@@ -277,7 +229,7 @@ def _train(cfg, accelerator, run: RunDir, device: str, say, quiet: bool, tqdm, s
         say(f"{task.metric} = {metrics[task.metric]:.4f}  ({_fmt(metrics)})")
         say(f"run directory: {run.path}")
         if t.merge:
-            from finetune.merge import merge_run
+            from finetune.outputs.merge import merge_run
 
             out = merge_run(run.path, quiet=quiet)
             summary["merged"] = str(out)

@@ -7,7 +7,7 @@
     metric_vs_params.png  the task metric against stored parameters (log scale), one series per
                           method, each point labelled with its rank or bank size
 
-Rows are the report's (``finetune.report.run_row``). A plot without data is not drawn.
+Rows are the report's (``finetune.report.report.run_row``). A plot without data is not drawn.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from finetune.data import collate, count_loss_tokens
-from finetune.loss import causal_lm_loss_sum
+from finetune.data.batching import collate, count_loss_tokens
+from finetune.models.loss import causal_lm_loss_sum
 
 
 @torch.no_grad()

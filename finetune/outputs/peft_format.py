@@ -477,8 +477,9 @@ def run_base_name(cfg, run_path: Path) -> str | None:
     """``base_model_name_or_path`` for a run: the hub id as configured, else the absolute local
     directory holding HF weights (a ``pkg:`` model resolved, a GGUF model's converted cache, a
     random-init run's ``base/``)."""
-    from finetune.models import _is_local, source_dir
-    from finetune.rundir import RunDir
+    from finetune.models.paths import is_local
+    from finetune.models.load import source_dir
+    from finetune.run.directory import RunDir
 
     run = RunDir(run_path)
     if run.base.is_dir():
@@ -486,20 +487,20 @@ def run_base_name(cfg, run_path: Path) -> str | None:
     if cfg.model.get("init") == "random" or not cfg.model.get("path"):
         return None
     src = source_dir(cfg.model)
-    return str(Path(src).expanduser().resolve()) if _is_local(src) else src
+    return str(Path(src).expanduser().resolve()) if is_local(src) else src
 
 
 def export_run(run_dir: str | Path, format: str = "peft", out: str | Path | None = None,
                as_lora: bool = False) -> Path:
     """``finetune export RUN_DIR --format peft --out DIR``: load the run's base with its trained
     adapter and write it with :func:`export_peft` (base name from :func:`run_base_name`)."""
-    from finetune.merge import load_run, run_config
+    from finetune.outputs.merge import load_run, run_config
 
     if format not in FORMATS:
         raise UserError(f"--format {format}: allowed: {', '.join(FORMATS)}")
     if out is None:
         raise UserError("--out is required: the directory to write the peft adapter to")
-    from finetune.rundir import CONFIG_FILE as RUN_CONFIG
+    from finetune.run.directory import CONFIG_FILE as RUN_CONFIG
 
     if not (Path(run_dir) / RUN_CONFIG).is_file():
         raise UserError(f"not a finetune run directory: {run_dir} (no {RUN_CONFIG}); "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from finetune import progress
 from finetune.errors import UserError
-from finetune.rundir import CONFIG_FILE, RunDir, read_run
+from finetune.run.directory import CONFIG_FILE, RunDir, read_run
 
 MARKER = "finetune_merge.json"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -50,7 +50,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", original_base: bool = Fal
     quantization (a UserError if the checkpoint itself is quantized)."""
     from finetune import adapters
     from finetune.adapters.base import is_quantized
-    from finetune.models import load_model, load_tokenizer
+    from finetune.models.load import load_model
+    from finetune.models.tokenizer import load_tokenizer
 
     run = RunDir(run_dir)
     info = read_run(run.path)
@@ -167,7 +168,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     stages.set_postfix_str("merge")
     with torch.no_grad():
         dequantized = dequantize_model(model)
-        # ΔW is added while writing (finetune.streaming.save_merged, below): each tensor is merged,
+        # ΔW is added while writing (finetune.outputs.streaming.save_merged, below): each tensor is merged,
         # converted to `dtype` and written on its own, so the peak stays near one copy of the model.
     stages.update(1)
     stages.set_postfix_str("save")
@@ -176,7 +177,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     model.config.use_cache = True
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    from finetune.streaming import save_merged
+    from finetune.outputs.streaming import save_merged
 
     save_merged(model, adapter, tmp, dtype)
     tokenizer.save_pretrained(tmp)

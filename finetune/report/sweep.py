@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.errors import UserError
-from finetune.rundir import is_run, read_run, write_atomic
+from finetune.errors import RunInterrupted, TrainingError, UserError, first_line
+from finetune.run.directory import is_run, read_run, write_atomic
 
 SWEEP_FILE = "sweep.json"
 SWEEP_ROOT = "multirun"
@@ -46,7 +46,7 @@ class _GroupOptions:
         self.config_dir = config_dir
 
     def get_group_options(self, group_name, results_filter=None, config_name=None, overrides=None):
-        from finetune.config import group_options
+        from finetune.config.compose import group_options
 
         if group_name not in GROUPS:
             raise UserError(f"{group_name}=glob(...): glob sweeps work on the groups {', '.join(GROUPS)}")
@@ -63,8 +63,7 @@ def parse(overrides: list[str], config_dir: str | None = None) -> list:
     except UserError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot parse the overrides {' '.join(overrides)!r}: {first}") from None
+        raise UserError(f"cannot parse the overrides {' '.join(overrides)!r}: {first_line(e)}") from None
 
 
 def choices(overrides: list[str], config_dir: str | None = None) -> dict[str, list[str]]:
@@ -161,7 +160,7 @@ def sweep_root(choices_by_key: dict[str, list[str]]) -> Path:
 
 def plan(overrides: list[str], config_dir: str | None = None) -> tuple[Path, list[dict]]:
     """The sweep directory and one entry per run: index, overrides, run_dir, composed config."""
-    from finetune.config import compose
+    from finetune.config.compose import compose
 
     by_key = choices(overrides, config_dir)
     root = sweep_root(by_key)
@@ -232,29 +231,24 @@ def _release_memory() -> None:
         AcceleratorState._reset_state()
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
 
 def run_one(entry: dict, config_dir: str | None, quiet: bool) -> None:
     """Train one run of the sweep; record its status, metric and time (or its error) in ``entry``."""
-    from finetune.signals import RunInterrupted
-    from finetune.train import TrainingError, train
+    from finetune.training.loop import train
 
     start = time.time()
     try:
         result = train(entry["cfg"], entry["overrides"], quiet=quiet, config_dir=config_dir)
     except (KeyboardInterrupt, RunInterrupted) as e:  # Ctrl-C / SIGTERM: the whole sweep stops
-        entry.update(status="interrupted", error=_one_line(e))
+        entry.update(status="interrupted", error=first_line(e))
         raise
     except (UserError, TrainingError) as e:
-        entry.update(status="failed", error=_one_line(e))
+        entry.update(status="failed", error=first_line(e))
     except Exception as e:  # a bug or a crash: show the traceback, keep sweeping
         import traceback
 
         traceback.print_exc(file=sys.stderr)
-        entry.update(status="failed", error=f"{type(e).__name__}: {_one_line(e)}")
+        entry.update(status="failed", error=f"{type(e).__name__}: {first_line(e)}")
     else:
         entry.update(status="finished", metric=result["metric"],
                      value=result["metrics"].get(result["metric"]))
@@ -317,7 +311,7 @@ def _sweep_step(position: str, entry: dict, config_dir: str | None, quiet: bool,
 
 def summary_text(summary: dict) -> str:
     """The sweep's closing table: one row per run with its status, metric and time."""
-    from finetune.table import text_table
+    from finetune.report.table import text_table
 
     rows = []
     for r in summary["runs"]:

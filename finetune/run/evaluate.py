@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.rundir import is_run, read_run, write_atomic
+from finetune.run.directory import is_run, read_run, write_atomic
 
 MODEL_DIR_OVERRIDES = ["model.init=pretrained", "model.gguf_file=null", "model.tokenizer=null",
                        "model.arch={}", "model.name=custom"]
@@ -16,9 +16,10 @@ MODEL_DIR_OVERRIDES = ["model.init=pretrained", "model.gguf_file=null", "model.t
 def evaluate_path(path: str | Path, overrides: list[str] = (), config_dir: str | None = None) -> dict:
     import torch
 
-    from finetune.config import compose
-    from finetune.merge import load_run
-    from finetune.models import load_model, load_tokenizer
+    from finetune.config.compose import compose
+    from finetune.outputs.merge import load_run
+    from finetune.models.load import load_model
+    from finetune.models.tokenizer import load_tokenizer
     from finetune.tasks import build_task
 
     path = Path(path).expanduser().resolve()

@@ -124,7 +124,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cached(key: dict, build: Callable[[], Examples]) -> Examples:
     """``build()``'s examples, stored once under ``FINETUNE_CACHE/data/<hash of key>``. The
     directory appears atomically (written aside, then renamed), so concurrent runs are safe."""
-    from finetune.models import cache_dir
+    from finetune.environment import cache_dir
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
     target = cache_dir() / "data" / digest
@@ -146,7 +146,7 @@ def load_examples(source_key, load_records: Callable, tokenizer, settings: dict,
                   to_rows: Callable[[dict, list[int]], dict], num_proc: int | None = None) -> Examples:
     """The tokenized rows of a source, one per record, from the cache when possible.
 
-    ``source_key``: what identifies the source's content (:func:`finetune.sources.fingerprint`), or
+    ``source_key``: what identifies the source's content (:func:`finetune.data.sources.fingerprint`), or
     None to load the records first and use their ``datasets`` fingerprint (hub datasets);
     ``load_records()``: the records as a ``datasets.Dataset``; ``settings``: every formatting
     choice that changes the rows (with a format version)."""

@@ -1,29 +1,27 @@
-"""Configuration: structured schemas (dataclasses in Hydra's ConfigStore), composition of the YAML
-groups in ``conf/`` (``model``, ``method``, ``task``) with shell overrides, and validation.
+"""The config schemas: one dataclass per config group option, registered in Hydra's ConfigStore.
 
 Every dataclass mirrors the arguments of the code it configures: a method's fields (less ``name``)
 are the keyword arguments of ``finetune.adapters.<name>.attach``; a task's fields configure
-``finetune.tasks.<name>``. Unknown keys, wrong types and unknown group options are rejected while
-composing, before anything heavy is imported.
-
-This module imports only hydra/omegaconf (no torch): ``finetune config`` stays fast.
+``finetune.tasks.<name>``; the launcher's fields are those of Accelerate's launcher. Only the
+standard library is imported here (Hydra when registering).
 """
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
-from finetune.errors import UserError
-
+# The seven projections of a LLaMA-style decoder layer: every method's default targets
+# ("all linear" in the papers, methods.md §0.5; never lm_head).
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 GROUPS = ("model", "method", "task", "launcher")
-
+LAUNCHERS = ("none", "ddp", "fsdp", "deepspeed")
+LOGGERS = ("tensorboard", "wandb", "none")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def _targets():
     return list(ALL_LINEAR)
@@ -136,7 +134,7 @@ class Overflow(str, Enum):
 
 @dataclass
 class DataSource:
-    """Where a task's records come from (finetune.sources): a local file or folder (json, jsonl,
+    """Where a task's records come from (finetune.data.sources): a local file or folder (json, jsonl,
     parquet, csv, txt, md) or a Hugging Face Hub dataset id (network needed once; cached)."""
 
     path: Optional[str] = None  # null: the task's default source
@@ -256,7 +254,7 @@ class TrainerConfig:
 
 @dataclass
 class LauncherConfig:
-    """Multi-process runs through Accelerate's launcher (finetune.launch). ``num_processes`` is the
+    """Multi-process runs through Accelerate's launcher (finetune.training.launch). ``num_processes`` is the
     total over all machines (Accelerate's meaning); null: every GPU of every machine."""
 
     name: str = "none"  # none | ddp | fsdp | deepspeed
@@ -307,231 +305,3 @@ def register_schemas() -> None:
             cs.store(group=f"schema/{group}", name=name, node=node)
     _registered = True
 
-
-# --------------------------------------------------------------------------------------------
-# Composition
-# --------------------------------------------------------------------------------------------
-
-CONFIG_MODULE = "finetune.conf"
-
-
-def _config_dirs(extra: Optional[str]) -> List[str]:
-    dirs = []
-    for d in [os.environ.get("FINETUNE_CONFIG_DIR"), extra]:
-        if d:
-            p = Path(d).expanduser().resolve()
-            if not p.is_dir():
-                raise UserError(f"--config-dir {d}: no such directory")
-            dirs.append(f"file://{p}")
-    return dirs
-
-
-def group_options(group: str, config_dir: Optional[str] = None) -> List[str]:
-    """The option names available for a config group (shipped YAML plus user config dirs)."""
-    from importlib.resources import files
-
-    names = {p.name[:-5] for p in files(CONFIG_MODULE).joinpath(group).iterdir() if p.name.endswith(".yaml")}
-    for d in _config_dirs(config_dir):
-        g = Path(d[len("file://"):]) / group
-        if g.is_dir():
-            names |= {p.stem for p in g.glob("*.yaml")}
-    return sorted(names)
-
-
-PATH_KEYS = ("output_dir", "model.path", "model.tokenizer", "task.data.path", "task.eval_path")
-
-
-def absolute_paths(overrides: List[str]) -> List[str]:
-    """Rewrite path-valued overrides that name local files to absolute paths, so a run's config
-    and its recorded overrides mean the same thing from any working directory. Hub ids and
-    ``pkg:`` names are left alone."""
-    out = []
-    for o in overrides:
-        key, sep, value = o.partition("=")
-        quote = value[0] if value[:1] in ("'", '"') and len(value) > 1 and value[-1] == value[0] else ""
-        raw = value[1:-1] if quote else value
-        local = raw.startswith(("./", "../", "~")) or (raw and os.path.exists(raw)) or (
-            key.lstrip("+") == "output_dir" and raw not in ("", "null"))
-        if sep and key.lstrip("+") in PATH_KEYS and local and (quote or "," not in raw):
-            value = f"{quote}{Path(raw).expanduser().resolve()}{quote}"
-        out.append(f"{key}{sep}{value}")
-    return out
-
-
-def compose(overrides: List[str] = (), config_dir: Optional[str] = None):
-    """Compose ``conf/config.yaml`` with ``overrides``; return a validated, resolved DictConfig."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    register_schemas()
-    overrides = absolute_paths(list(overrides))
-    searchpath = _config_dirs(config_dir)
-    if searchpath:
-        overrides.append(f"hydra.searchpath=[{','.join(searchpath)}]")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
-    except Exception as e:  # hydra/omegaconf errors -> one line
-        raise UserError(explain_hydra_error(e, overrides, config_dir)) from None
-    finally:
-        GlobalHydra.instance().clear()
-    OmegaConf.resolve(cfg)
-    validate(cfg)
-    return cfg
-
-
-def explain_hydra_error(e: Exception, overrides: List[str], config_dir: Optional[str]) -> str:
-    """Turn a Hydra/OmegaConf composition error into one actionable line."""
-    msg = str(e).strip()
-    if e.__cause__ is not None:
-        msg += "\n" + str(e.__cause__).strip()
-    first = msg.splitlines()[0] if msg else type(e).__name__
-    full = re.search(r"full_key: (\S+)", msg)
-    m = re.search(r"Could not (?:find|load) '(\w+)/([^']+)'", msg)
-    if m and m.group(1) in GROUPS:
-        group, option = m.group(1), m.group(2)
-        return (f"{group}={option}: unknown option for group '{group}'; available: "
-                f"{', '.join(group_options(group, config_dir))}")
-    m = re.search(r"Key '([^']+)' (?:is )?not in (?:struct|'(\w+)')", msg)
-    if m:
-        return unknown_key_message(full.group(1) if full else m.group(1), SCHEMA_BY_NAME.get(m.group(2)))
-    m = re.search(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
-    if m:
-        return f"{full.group(1) if full else '?'}={m.group(1)}: not allowed; allowed: {m.group(2)}"
-    m = re.search(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
-    if m:
-        return f"{full.group(1) if full else '?'}={m.group(1)!r}: wrong type, expected {m.group(2).lower()}"
-    m = re.search(r"Ambiguous value for argument '([^']+)'", msg)
-    if m:
-        return (f"{m.group(1)}: a comma list is a sweep; run it with `finetune train -m ...` "
-                f"(or write a list value as key=[a,b])")
-    if type(e).__name__ == "OverrideParseException" or "mismatched input" in msg:
-        return f"cannot parse the overrides {' '.join(overrides)!r}: {first} (syntax: key=value, group=option)"
-    return first
-
-
-def unknown_key_message(key: str, schema: Optional[type]) -> str:
-    import difflib
-    from dataclasses import fields
-
-    hint = ""
-    if schema is not None:
-        names = [f.name for f in fields(schema)]
-        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        hint += f"allowed: {', '.join(names)}"
-    else:
-        hint = "`finetune config` prints every key"
-    return f"unknown config key '{key}'; {hint}"
-
-
-# --------------------------------------------------------------------------------------------
-# Validation (values the type system cannot express)
-# --------------------------------------------------------------------------------------------
-
-
-def _positive(cfg, key: str, allow_zero: bool = False) -> None:
-    from omegaconf import OmegaConf
-
-    value = OmegaConf.select(cfg, key)
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise UserError(f"{key}={value}: must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def _check_keys(cfg) -> None:
-    """Keys added with '+' or by a user's YAML must still exist in the option's schema."""
-    from dataclasses import fields
-
-    for group in ("method", "task"):
-        node = cfg[group]
-        schema = SCHEMAS[group].get(node.get("name"))
-        if schema is None:
-            raise UserError(f"{group}.name={node.get('name')!r}: unknown; available: "
-                            f"{', '.join(SCHEMAS[group])}")
-        allowed = {f.name for f in fields(schema)}
-        for key in node:
-            if key not in allowed:
-                raise UserError(unknown_key_message(f"{group}.{key}", schema))
-
-
-def validate(cfg) -> None:
-    """Check value ranges and cross-field rules; raise UserError with one line naming the key."""
-    for key in ["trainer.max_steps", "trainer.lr", "trainer.batch_size", "trainer.grad_accum",
-                "method.rank", "task.num_pairs", "task.max_length", "trainer.log_every",
-                "task.eval_batch_size", "task.max_new_tokens"]:
-        _positive(cfg, key)
-    for key in ["trainer.warmup_steps", "trainer.save_every", "trainer.eval_every",
-                "trainer.max_grad_norm", "trainer.weight_decay", "method.alpha", "trainer.loss_chunk"]:
-        _positive(cfg, key, allow_zero=True)
-    if cfg.method is None or cfg.task is None:
-        raise UserError("config needs a method and a task (e.g. method=lora task=memorize)")
-    _check_keys(cfg)
-    from finetune.tracking import check_logger
-
-    check_logger(cfg.get("logger", "tensorboard"))
-    _positive(cfg, "trainer.keep_checkpoints", allow_zero=True)
-    from finetune.launch import check_launcher
-
-    check_launcher(cfg)
-    dropout = cfg.method.get("dropout")
-    if dropout is not None and not 0 <= dropout < 1:
-        raise UserError(f"method.dropout={dropout}: must be in [0, 1)")
-    if cfg.trainer.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"trainer.precision={cfg.trainer.precision}: allowed: auto, fp32, bf16, fp16")
-    if cfg.trainer.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"trainer.device={cfg.trainer.device}: allowed: auto, cpu, cuda")
-    m = cfg.model
-    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"model.dtype={m.dtype}: allowed: auto, float32, bfloat16, float16")
-    if m.quantize not in (None, "none", "4bit", "8bit"):
-        raise UserError(f"model.quantize={m.quantize}: allowed: 4bit, 8bit (or null)")
-    if m.init == Init.pretrained and not m.path:
-        raise UserError("model.path is empty: give a local model directory or a hub id")
-    if m.init == Init.random and not m.path and not m.arch:
-        raise UserError("model.init=random needs model.arch (config values) or model.path (a config to copy)")
-    if m.quantize in ("4bit", "8bit") and cfg.method.name == "full":
-        raise UserError(f"model.quantize={m.quantize} with method=full: a quantized base cannot be fully "
-                        "fine-tuned; use an adapter method (lora, mora, vblora)")
-    if m.tokenizer is None and m.init == Init.random and not m.path:
-        raise UserError("model.tokenizer is empty: a random-init model needs a tokenizer (e.g. bytes)")
-    _validate_task(cfg)
-    if cfg.method.name != "full" and "targets" in cfg.method:
-        t = cfg.method.targets
-        if not (isinstance(t, str) or (hasattr(t, "__len__") and len(t) > 0)):
-            raise UserError("method.targets is empty: list module names (e.g. [q_proj,v_proj]), "
-                            "a regex string, or all-linear")
-
-
-def _validate_task(cfg) -> None:
-    """Ranges of the data tasks' keys, and the pretrain task's need for a random-init model."""
-    for key in ["task.eval_limit", "task.num_proc", "task.data.limit"]:
-        _positive(cfg, key)
-    _positive(cfg, "task.eval_holdout", allow_zero=True)
-    if cfg.task.name == "pretrain" and cfg.model.init != Init.random:
-        raise UserError(f"task=pretrain trains a model from scratch, but model={cfg.model.name} is pretrained: "
-                        "set model.init=random (or pick model=smollm2-16m-random), or use task=cpt "
-                        "to continue pretraining it")
-
-
-def to_container(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-
-def to_yaml(cfg) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(to_container(cfg)))
-
-
-def method_settings(cfg) -> dict:
-    """The method's keyword arguments for ``attach`` (its config minus ``name``)."""
-    settings = to_container(cfg.method)
-    settings.pop("name", None)
-    return settings

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from finetune.environment import process_alive
 from finetune.errors import UserError
-from finetune.rundir import CONFIG_FILE, METRICS_FILE, RUN_FILE
+from finetune.run.directory import CONFIG_FILE, METRICS_FILE, RUN_FILE
 
 # Folders never searched (besides hidden ones such as .venv and .git, and the inside of a run).
 SKIP_DIRS = {"__pycache__", "node_modules", "site-packages"}
@@ -115,7 +115,7 @@ def last_logged_step(run_dir: Path) -> int | None:
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """Steps of the run's complete checkpoints (``checkpoints/step-N`` with a valid marker)."""
-    from finetune.checkpoint import complete_checkpoints
+    from finetune.training.checkpoint import complete_checkpoints
 
     return [int(CHECKPOINT.match(p.name).group(1)) for p in complete_checkpoints(run_dir)]
 

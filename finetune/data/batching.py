@@ -50,7 +50,7 @@ class ExampleStream:
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad ``input_ids`` / ``labels`` to the longest example; padding gets label -100.
     Packed rows (with ``position_ids``) keep them; the padding after a row is one more segment
-    with positions 0, 1, … (finetune.loss then lets the model mask by segments)."""
+    with positions 0, 1, … (finetune.models.loss then lets the model mask by segments)."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -82,7 +82,7 @@ def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def fit_to_length(examples, max_length: int, on_overflow: str, where: str):
-    """Apply ``task.on_overflow`` to the examples (a :class:`finetune.examples.Examples`) longer
+    """Apply ``task.on_overflow`` to the examples (a :class:`finetune.data.examples.Examples`) longer
     than ``max_length`` tokens: ``truncate`` keeps their first ``max_length`` tokens, ``drop``
     leaves them out (both say how many in the log), ``error`` stops naming the first one."""
     import logging
@@ -153,14 +153,14 @@ def segment_positions(lengths):
 
 
 def pack(examples, capacity: int):
-    """Packed rows of at most ``capacity`` tokens (an :class:`finetune.examples.Examples`). A row
+    """Packed rows of at most ``capacity`` tokens (an :class:`finetune.data.examples.Examples`). A row
     concatenates its examples; ``position_ids`` restart at 0 for each one, so the model attends only
-    within an example (block-diagonal causal attention; see ``finetune.loss.model_inputs``), and the
+    within an example (block-diagonal causal attention; see ``finetune.models.loss.model_inputs``), and the
     label of each example's first token becomes -100, since nothing predicts it unpacked either.
     Rows are ordered by the packing; the training stream shuffles them."""
     import numpy as np
 
-    from finetune.examples import Examples
+    from finetune.data.examples import Examples
 
     examples = examples.select(np.flatnonzero(examples.lengths() > 0))
     groups = pack_rows(examples.lengths(), capacity)

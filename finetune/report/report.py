@@ -1,7 +1,7 @@
 """``finetune report DIR...``: one row per run found below the directories — method, rank / bank
 size, trainable and stored parameters, steps, tokens/s, peak memory, final loss, the task metric —
 printed as a table and written as ``report.csv`` (raw numbers) and ``report.md`` (the table and the
-plots), with the PNG plots from ``finetune.plots``.
+plots), with the PNG plots from ``finetune.report.plots``.
 
 Everything comes from the run directories' files; nothing heavy is imported (matplotlib only when
 plotting)."""
@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.runs import find_runs, read_config, read_info, read_metrics, run_status
+from finetune.run.listing import find_runs, read_config, read_info, read_metrics, run_status
 
 # (CSV field, table header, formatter); the order of the columns everywhere.
 COLUMNS = [
@@ -138,7 +138,7 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict], plots: list[Path], out: Path) -> str:
-    from finetune.table import markdown_table
+    from finetune.report.table import markdown_table
 
     lines = ["# Run report", "", markdown_table(*table(rows)), ""]
     for plot in plots:
@@ -166,7 +166,7 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None, plots: b
     out.mkdir(parents=True, exist_ok=True)
     images = []
     if plots:
-        from finetune.plots import draw_all
+        from finetune.report.plots import draw_all
 
         images = draw_all(rows, out)
     (out / "report.csv").write_text(to_csv(rows))

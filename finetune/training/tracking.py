@@ -11,24 +11,12 @@ whatever the logger.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
-from finetune.errors import UserError
 
-LOGGERS = ("tensorboard", "wandb", "none")
 TENSORBOARD_DIR = "tensorboard"
 DEFAULT_PROJECT = "finetune"
-
-
-def check_logger(logger: str | None) -> None:
-    """Reject unknown logger names and ``logger=wandb`` without wandb installed (one line)."""
-    if logger not in LOGGERS:
-        raise UserError(f"logger={logger}: allowed: {', '.join(LOGGERS)}")
-    if logger == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise UserError("logger=wandb needs the wandb package: pip install wandb "
-                        "(or use logger=tensorboard, the default)")
 
 
 def log_with(cfg, run_path: Path) -> list | None:
@@ -36,7 +24,6 @@ def log_with(cfg, run_path: Path) -> list | None:
     directory, and "wandb" when asked for; None for ``logger=none`` (an empty list makes Accelerate
     warn that no tracker is installed)."""
     logger = cfg.get("logger", "tensorboard")
-    check_logger(logger)
     if logger == "none":
         return None
     from accelerate.tracking import TensorBoardTracker
@@ -50,28 +37,17 @@ def log_with(cfg, run_path: Path) -> list | None:
 def flat_hparams(cfg) -> dict:
     """The resolved config as flat ``section.key`` scalars (TensorBoard's hparams accept no lists
     or nulls: those become strings)."""
-    from finetune.config import to_container
+    from finetune.config.compose import flatten, to_container
 
-    out = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        elif isinstance(node, (bool, int, float, str)):
-            out[prefix] = node
-        else:
-            out[prefix] = str(node)
-
-    walk("", to_container(cfg))
-    return out
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in flatten(to_container(cfg)).items()}
 
 
 def start(accelerator, cfg, run_path: Path) -> None:
     """Start the trackers (main process only) with the run's config as hyperparameters."""
     if not accelerator.log_with:
         return
-    from finetune.config import to_container
+    from finetune.config.compose import to_container
 
     wandb = {"name": Path(run_path).name, "dir": str(run_path), "config": to_container(cfg),
              "tags": [cfg.method.name, cfg.task.name, cfg.model.name]}

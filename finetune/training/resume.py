@@ -33,10 +33,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import checkpoint
-from finetune.distributed import on_main
-from finetune.errors import UserError
-from finetune.rundir import METRICS_FILE, RunDir, default_output_dir, is_run, write_atomic
+from finetune.training import checkpoint
+from finetune.training.distributed import on_main
+from finetune.errors import RunInterrupted, UserError, first_line
+from finetune.run.directory import METRICS_FILE, RunDir, default_output_dir, is_run, write_atomic
 
 RUN_DIR_ENV = "FINETUNE_RUN_DIR"
 
@@ -95,7 +95,7 @@ def checkpoint_run(ckpt: Path) -> Path | None:
 
 def decide_output_dir(cfg) -> Path:
     """Main process only: see the module docstring."""
-    from finetune.launch import in_launched_process
+    from finetune.environment import in_launched_process
 
     chosen = os.environ.get(RUN_DIR_ENV) if in_launched_process() else None
     chosen = chosen or cfg.output_dir
@@ -173,20 +173,11 @@ def _refuse_if_in_use(path: Path, info: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: node}
-
-
 def check_drift(cfg, ckpt: Path, num_processes: int) -> tuple[int, list[str]]:
     """(checkpoint step, warnings); raises UserError when the checkpoint belongs to another run."""
     from omegaconf import OmegaConf
 
-    from finetune.config import to_container
+    from finetune.config.compose import flatten, to_container
 
     state = json.loads((ckpt / checkpoint.STATE).read_text())
     step = int(state["step"])
@@ -224,7 +215,7 @@ def check_drift(cfg, ckpt: Path, num_processes: int) -> tuple[int, list[str]]:
 
 def begin(start: Start, cfg, overrides: list[str], **info) -> None:
     """Main process: write the run directory for ``start``."""
-    from finetune.config import to_yaml
+    from finetune.config.compose import to_yaml
 
     run = start.run
     extra = {"resumed_from": start.checkpoint} if start.checkpoint else {}
@@ -272,8 +263,6 @@ def abandon(start: Start, error: BaseException) -> None:
     found before any training step in a run that started from nothing leaves nothing behind (the
     directory it made is removed, so a corrected rerun just works). Anything else is marked failed;
     its checkpoints stay."""
-    from finetune.signals import RunInterrupted
-
     run = start.run
     if isinstance(error, (RunInterrupted, KeyboardInterrupt)):
         if is_run(run.path):
@@ -288,8 +277,7 @@ def abandon(start: Start, error: BaseException) -> None:
             run._clear()
         return
     if is_run(run.path):
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        run.update(status="failed", error=message)
+        run.update(status="failed", error=first_line(error))
 
 
 def resume_command(overrides: list[str], run_dir: str) -> str:

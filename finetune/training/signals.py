@@ -1,8 +1,8 @@
 """SIGINT / SIGTERM during training: finish the current optimizer step, save a checkpoint, stop.
 
 :class:`StopSignals` turns the first SIGINT or SIGTERM into a request that the training loop sees at
-the next step boundary (every rank agrees on it, see ``finetune.distributed.any_rank``); a second
-signal aborts at once. :class:`RunInterrupted` is what the loop raises after saving: the CLI prints
+the next step boundary (every rank agrees on it, see ``finetune.training.distributed.any_rank``); a second
+signal aborts at once. :class:`finetune.errors.RunInterrupted` is what the loop raises after saving: the CLI prints
 its one-line message (where the checkpoint is, how to resume) and exits with 128 + the signal number.
 """
 
@@ -12,14 +12,6 @@ import signal
 import threading
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
-
-
-class RunInterrupted(Exception):
-    """The run stopped on a signal after saving a checkpoint."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + int(signum)
 
 
 class StopSignals:

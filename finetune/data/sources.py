@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 KINDS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".md": "text"}
 """File suffix → the ``datasets`` builder that reads it."""
@@ -106,7 +106,7 @@ def require_fields(present, fields, where: str) -> None:
 def _load_local(src: Source, fields, num_proc):
     import datasets
 
-    from finetune.models import cache_dir
+    from finetune.environment import cache_dir
 
     files = [f for f in local_files(src) if f.stat().st_size > 0]  # empty files hold no records
     if not files:
@@ -229,17 +229,13 @@ def _load_hub(src: Source, num_proc):
         return datasets.load_dataset(src.path, src.name, split=src.split, revision=src.revision,
                                      num_proc=num_proc)
     except (ValueError, KeyError) as e:  # an unknown split or configuration
-        raise UserError(f"{src.where}: {_first_line(e)} (choose with task.data.name / task.data.split, "
+        raise UserError(f"{src.where}: {first_line(e)} (choose with task.data.name / task.data.split, "
                         "or task.eval_split)") from None
     except Exception as e:
         if type(e).__name__ == "DatasetNotFoundError" and "offline" not in str(e).lower():
             raise UserError(f"{src.where}: no such dataset on the Hugging Face Hub (or it is private or "
                             "gated); check the id, or point it at a local json/jsonl/parquet file") from None
-        raise UserError(f"{src.where}: cannot reach the Hugging Face Hub dataset ({_first_line(e)}); "
+        raise UserError(f"{src.where}: cannot reach the Hugging Face Hub dataset ({first_line(e)}); "
                         f"without network, download the data and point {src.key} at a local "
                         "json/jsonl/parquet file") from None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -3,21 +3,21 @@
 The rows are the task's own ``train_examples()`` (tokenized, length-limited, packed as configured),
 built exactly as ``finetune train`` builds them; only the tokenizer is loaded, never the model. A
 token "has loss" when its label is not -100 and something precedes it in its row (labels are
-shifted by one in the causal-LM loss, as in :func:`finetune.data.count_loss_tokens`).
+shifted by one in the causal-LM loss, as in :func:`finetune.data.batching.count_loss_tokens`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from finetune.data import IGNORE
+from finetune.data.batching import IGNORE
 
 LEGEND = "+ tokens with loss (the model learns to predict them) · - context only (no loss)"
 
 
 def _arrays(examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row offsets, labels, example starts) of all rows as flat arrays."""
-    from finetune.examples import Examples
+    from finetune.data.examples import Examples
 
     if not isinstance(examples, Examples):
         examples = Examples.from_rows(examples)
@@ -94,7 +94,7 @@ def render(cfg, tokenizer, examples, rows: int) -> str:
 def preview(cfg, rows: int = 3) -> str:
     """The summary and the first ``rows`` training rows of ``cfg``'s task, as text."""
     from finetune.errors import UserError
-    from finetune.models import load_tokenizer
+    from finetune.models.tokenizer import load_tokenizer
     from finetune.tasks import build_task
 
     if rows < 0:

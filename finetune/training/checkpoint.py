@@ -14,7 +14,7 @@
 A checkpoint is written into ``checkpoints/.tmp-step-N-<pid>`` and renamed to ``step-N`` once the
 marker is on disk, so a kill at any moment leaves either no ``step-N`` or a complete one; a
 ``step-N`` whose marker or files do not match is never used. The data position needs no file: the
-example stream is a function of the step (finetune.data). No pickle anywhere: tensors are
+example stream is a function of the step (finetune.data.batching). No pickle anywhere: tensors are
 safetensors, everything else JSON.
 """
 
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.distributed import gather_objects, on_main
+from finetune.training.distributed import gather_objects, on_main
 from finetune.errors import UserError
 
 DIR = "checkpoints"
@@ -306,7 +306,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, cfg, accelerator, model, adapter, optimizer, scheduler,
                  last: Path | None = None):
-        from finetune.config import to_yaml
+        from finetune.config.compose import to_yaml
 
         self.root = Path(run_dir) / DIR
         self.keep = int(cfg.trainer.keep_checkpoints)
