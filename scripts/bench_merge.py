@@ -112,13 +112,13 @@ def make_run(args, work: Path, env: dict) -> Path:
 
 def base_and_tokenizer(run: Path) -> tuple[str, str]:
     """Where the run's base weights and tokenizer are (what a peft user would load)."""
-    from finetune.outputs.merge import run_config
+    from finetune.run.directory import read_config
     from finetune.models.load import source_dir
 
     if (run / "base").is_dir():
         base = str(run / "base")
     else:
-        base = source_dir(run_config(run).model)
+        base = source_dir(read_config(run).model)
     tokenizer = str(run / "tokenizer") if (run / "tokenizer").is_dir() else base
     return base, tokenizer
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from finetune.run import checkpoints
 from finetune.training import checkpoint
 from finetune.errors import UserError
 from finetune.training.resume import plan
@@ -48,30 +49,30 @@ def status(run_dir):
 
 
 def write_fake(root: Path, step: int) -> Path:
-    return checkpoint.write(root, step, weights={"w": torch.ones(2)}, adapter_meta={"method": "lora"},
-                            optim=({}, {"param_groups": [], "scalars": {}}),
-                            rng_states=[checkpoint.rng_state()], scheduler_state={}, info={},
-                            config_yaml="a: 1\n")
+    files = checkpoint.checkpoint_files(step, {"w": torch.ones(2)}, {"method": "lora"},
+                                        ({}, {"param_groups": [], "scalars": {}}), [checkpoint.rng_state()],
+                                        {}, {}, "a: 1\n")
+    return checkpoints.write(root, step, *files)
 
 
 def test_checkpoints_are_complete_or_invisible(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):
         write_fake(root, step)
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-2", "step-4", "step-6"]
+    assert [p.name for p in checkpoints.complete_checkpoints(tmp_path)] == ["step-2", "step-4", "step-6"]
     # What a kill leaves behind: a half-written temp dir, a step-N without its marker, a file cut short.
     (root / ".tmp-step-8-999").mkdir()
     (root / ".tmp-step-8-999" / "weights.safetensors").write_bytes(b"partial")
     no_marker = write_fake(root, 10)
-    (no_marker / checkpoint.MARKER).unlink()
+    (no_marker / checkpoints.MARKER).unlink()
     truncated = write_fake(root, 12)
-    with open(truncated / checkpoint.WEIGHTS, "r+b") as f:
+    with open(truncated / checkpoints.WEIGHTS, "r+b") as f:
         f.truncate(10)
-    assert checkpoint.latest(tmp_path).name == "step-6"
-    checkpoint.prune(root, keep=2)
+    assert checkpoints.latest(tmp_path).name == "step-6"
+    checkpoints.prune(root, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-10", "step-12", "step-4", "step-6"]
     write_fake(root, 10)  # an incomplete step-N is replaced by a complete one
-    assert checkpoint.latest(tmp_path).name == "step-10"
+    assert checkpoints.latest(tmp_path).name == "step-10"
 
 
 def test_no_pickle_in_a_checkpoint(tmp_path):
@@ -128,7 +129,7 @@ def start_cli(run_dir, *overrides):
 def wait_for_checkpoint(proc, run_dir, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if checkpoint.latest(run_dir) is not None:
+        if checkpoints.latest(run_dir) is not None:
             return
         if proc.poll() is not None:
             pytest.fail(f"the run ended before its first checkpoint: {proc.stderr.read()}")
@@ -144,7 +145,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, unint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert status(run) == "running" and not (run / "adapter.safetensors").exists()  # killed mid-run
-    killed_at = checkpoint.step_of(checkpoint.latest(run))
+    killed_at = checkpoints.step_of(checkpoints.latest(run))
     assert 2 <= killed_at < 10
     result = train(config(run, *KILL_RUN, "trainer.resume=auto"), quiet=True)
     assert_same(uninterrupted, weights(run / "adapter.safetensors"))
@@ -168,7 +169,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, uninterrupt
     assert lines[0].endswith(f"output_dir={run} trainer.resume=auto")
     assert status(run) == "interrupted"
     step = int(lines[0].split("after step ")[1].split(";")[0])
-    assert checkpoint.step_of(checkpoint.latest(run)) == step
+    assert checkpoints.step_of(checkpoints.latest(run)) == step
     train(config(run, *KILL_RUN, "trainer.resume=auto"), quiet=True)
     assert_same(uninterrupted, weights(run / "adapter.safetensors"))
 
@@ -188,7 +189,7 @@ def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, monk
     with pytest.raises(RunInterrupted, match="interrupted by SIGINT after step 3") as e:
         train(config(tmp_path / "run", "trainer.max_steps=10"), quiet=True)
     assert e.value.exit_code == 130
-    assert checkpoint.step_of(checkpoint.latest(tmp_path / "run")) == 3
+    assert checkpoints.step_of(checkpoints.latest(tmp_path / "run")) == 3
     assert status(tmp_path / "run") == "interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
@@ -210,7 +211,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     message = str(e.value)
     assert message.startswith("loss became nan at step 5; lower trainer.lr")
     assert f"the last good checkpoint {run / 'checkpoints' / 'step-4'} stays" in message
-    assert checkpoint.latest(run).name == "step-4" and status(run) == "failed"
+    assert checkpoints.latest(run).name == "step-4" and status(run) == "failed"
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.data.batching import collate, count_loss_tokens, fit_to_length, pack, pack_rows
+from finetune.data.batching import collate, count_loss_tokens
+from finetune.data.packing import fit_to_length, pack, pack_rows
 from finetune.errors import UserError
 from finetune.data.examples import Examples, load_examples
 from finetune.models.loss import causal_lm_loss_sum, model_inputs

@@ -358,7 +358,7 @@ def test_export_run_of_a_trained_vblora_run(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_config
-    from finetune.outputs.merge import load_run
+    from finetune.run.load import load_run
     from finetune.training.loop import train
 
     run = tmp_path / "run"
@@ -387,7 +387,7 @@ def test_cli_exports_a_trained_mora_type1_run_as_lora(tmp_path):
 
     from conftest import tiny_config
     from finetune.cli import app
-    from finetune.outputs.merge import load_run
+    from finetune.run.load import load_run
     from finetune.training.loop import train
 
     run = tmp_path / "run"

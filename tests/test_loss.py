@@ -175,7 +175,7 @@ def test_config_key():
 
 
 def test_packed_rows_with_position_ids(tiny_model):
-    """Packed rows (finetune.data.batching.pack: position ids restart per example, no padding mask)."""
+    """Packed rows (finetune.data.packing.pack: position ids restart per example, no padding mask)."""
     adapter = adapted(tiny_model, "lora")
     g = torch.Generator().manual_seed(9)
     ids = torch.randint(0, 256, (2, 20), generator=g)

@@ -9,7 +9,8 @@ import torch
 
 from conftest import tiny_config
 from finetune.errors import UserError
-from finetune.outputs.merge import load_run, merge_run
+from finetune.outputs.merge import merge_run
+from finetune.run.load import load_run
 from finetune.training.loop import train
 
 

@@ -20,7 +20,7 @@ from finetune.adapters.base import find_targets
 from finetune.adapters.mora import (AUTO_TYPE1_MIN_RANK, MoraLayer, attach, mora_rank, num_blocks,
                                     operators)
 from finetune.errors import UserError
-from finetune.training.schedule import WarmupDecay
+from finetune.training.schedule import WarmupDecay, apply_restart
 
 TYPES = (1, 2, 3, 4, 6)
 
@@ -717,9 +717,9 @@ def test_remora_trigger_keeps_function_and_cycles_types(tiny_model):
         before = _logits(tiny_model, ids)
         w0 = {n: l.root_layer().weight.detach().clone() for n, l in adapter.layers.items()}
         delta = {n: l.delta_weight() for n, l in adapter.layers.items()}
-        adapter.on_optimizer_step(5 * trigger - 1, None, None)  # not a multiple: nothing happens
+        adapter.on_optimizer_step(5 * trigger - 1)  # not a multiple: nothing happens
         assert all(torch.count_nonzero(l.mora_M) > 0 for l in adapter.layers.values())
-        adapter.on_optimizer_step(5 * trigger, None, None)
+        adapter.on_optimizer_step(5 * trigger)
         after = _logits(tiny_model, ids)
         assert (after - before).abs().max() <= 1e-5  # §6.4.1
         for n, l in adapter.layers.items():  # §6.4.3
@@ -733,7 +733,7 @@ def test_remora_two_cycle_and_start_type():
     adapter = attach(_linear_model(), rank=4, type=1, remora_every=3, remora_cycle=2)
     types = []
     for step in range(1, 13):
-        adapter.on_optimizer_step(step, None, None)
+        adapter.on_optimizer_step(step)
         types.append(adapter.layers["q_proj"].mora_type)
     assert types == [1, 1, 2, 2, 2, 1, 1, 1, 2, 2, 2, 1]
     with pytest.raises(UserError, match="must start from type 1"):
@@ -769,7 +769,7 @@ def test_remora_optimizer_reset_drops_M_state_only(reset):
         model.forward(ids).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-        adapter.on_optimizer_step(step, opt, None)
+        apply_restart(adapter.on_optimizer_step(step), opt, None)
         if step == 1:
             assert all(p in opt.state for p in adapter.parameters() + others)
     assert all((p in opt.state) == (not reset) for p in adapter.parameters())
@@ -780,7 +780,7 @@ def test_remora_optimizer_reset_drops_M_state_only(reset):
     opt2 = torch.optim.AdamW(adapter2.parameters(), lr=1e-2)
     model2.forward(ids).pow(2).mean().backward()
     opt2.step()
-    adapter2.on_optimizer_step(1, opt2, None)
+    apply_restart(adapter2.on_optimizer_step(1), opt2, None)
     assert len(opt2.state) == 0
 
 
@@ -804,9 +804,9 @@ def test_remora_lr_trace(scheduler_first):
         opt.zero_grad()
         if scheduler_first:
             sched.step()
-            adapter.on_optimizer_step(i + 1, opt, sched)
+            apply_restart(adapter.on_optimizer_step(i + 1), opt, sched)
         else:
-            adapter.on_optimizer_step(i + 1, opt, sched)
+            apply_restart(adapter.on_optimizer_step(i + 1), opt, sched)
             sched.step()
     old = WarmupDecay("linear", 10, total)
     assert lrs[:100] == pytest.approx([base_lr * old(i) for i in range(100)], rel=1e-12)
@@ -826,7 +826,7 @@ def test_remora_off_is_a_no_op():
     layer = adapter.layers["q_proj"]
     w, M = layer.base_layer.weight.clone(), layer.mora_M.clone()
     for step in range(1, 20):
-        adapter.on_optimizer_step(step, None, None)
+        adapter.on_optimizer_step(step)
     assert torch.equal(layer.base_layer.weight, w) and torch.equal(layer.mora_M, M)
     assert layer.mora_type == 6
 
@@ -839,7 +839,7 @@ def test_remora_layer_types_reload(tiny_model, tiny_model_cfg, tmp_path):
     ids = _ids()
     adapter = attach_method(tiny_model, "mora", {"rank": 8, "type": 1, "remora_every": 3})
     _randomize(adapter)
-    adapter.on_optimizer_step(3, None, None)
+    adapter.on_optimizer_step(3)
     _randomize(adapter, seed=7)
     expected = _logits(tiny_model, ids)
     save_adapter(adapter, tmp_path)

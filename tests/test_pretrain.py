@@ -11,7 +11,7 @@ import torch
 from finetune import adapters
 from finetune.adapters.base import unfreeze_modules
 from finetune.errors import UserError
-from finetune.training.schedule import make_scheduler
+from finetune.training.schedule import apply_restart, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("data_cache")
 
@@ -30,12 +30,12 @@ def test_relora_merges_reinitialises_and_restarts(tiny_model):
         scheduler.step()
         optimizer.zero_grad()
         if step == 1:
-            adapter.on_optimizer_step(step, optimizer, scheduler)  # not a multiple of 2: nothing happens
+            assert adapter.on_optimizer_step(step) is None  # not a multiple of 2: nothing happens
             assert all(optimizer.state[p] for p in adapter.parameters())
     a_before = {n: l.lora_A.detach().clone() for n, l in adapter.layers.items()}
     with torch.no_grad():
         before = tiny_model(ids).logits
-    adapter.on_optimizer_step(2, optimizer, scheduler)
+    apply_restart(adapter.on_optimizer_step(2), optimizer, scheduler)
     with torch.no_grad():
         torch.testing.assert_close(tiny_model(ids).logits, before, atol=1e-5, rtol=1e-5)  # same function
     for name, layer in adapter.layers.items():
@@ -89,7 +89,7 @@ def test_a_run_whose_base_changed_is_saved_with_its_base(tmp_path, corpus, metho
     from transformers import AutoModelForCausalLM
 
     from finetune.run.evaluate import evaluate_path
-    from finetune.outputs.merge import load_run
+    from finetune.run.load import load_run
 
     every = "method.remora_every=2" if method == "mora" else "method.relora_every=2"
     result, run = pretrain(tmp_path, corpus, f"method={method}", every, f"trainer.merge={method == 'mora'}")

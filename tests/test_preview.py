@@ -5,7 +5,9 @@ from typer.testing import CliRunner
 
 from conftest import tiny_config
 from finetune.cli import app
-from finetune.data.batching import IGNORE, collate, count_loss_tokens, pack
+from finetune.data.examples import IGNORE
+from finetune.data.batching import collate, count_loss_tokens
+from finetune.data.packing import pack
 from finetune.data.examples import Examples
 from finetune.tasks.preview import render_row, spans, summary
 

@@ -84,7 +84,7 @@ def test_token_level_normalisation_with_unequal_lengths(tiny_model):
 def test_only_adapter_weights_change(tmp_path):
     run_tiny(tmp_path, "trainer.max_steps=2", "trainer.lr=1e-2")
     base = load_file(tmp_path / "run" / "base" / "model.safetensors")
-    from finetune.outputs.merge import load_run
+    from finetune.run.load import load_run
 
     model, adapter, _, _ = load_run(tmp_path / "run")
     state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from finetune.config.schema import ALL_LINEAR
 from finetune.errors import UserError
 
-# The seven projections of a LLaMA-style decoder layer ("all linear", methods.md §0.5).
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +294,18 @@ def unfreeze_modules(model: nn.Module, names, adapter: "Adapter") -> dict[str, n
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Restart:
+    """What a ReMoRA/ReLoRA merge after optimizer step ``step`` asks of the training loop
+    (methods.md §3 steps 4 and 5): drop the optimizer state of ``reset`` (empty: keep every state),
+    then restart the LR schedule with a linear re-warmup over ``warmup`` steps
+    (finetune.training.schedule.apply_restart)."""
+
+    step: int
+    warmup: int
+    reset: list = field(default_factory=list)
+
+
 class Adapter:
     """What ``attach`` returns: the adapted layers of one model plus shared tensors.
 
@@ -396,8 +408,10 @@ class Adapter:
             replace_module(self.model, name, layer.base_layer)
 
     # -- training hooks -----------------------------------------------------------------------
-    def on_optimizer_step(self, step: int, optimizer, scheduler) -> None:
-        """Called after every optimizer step (ReMoRA/ReLoRA use it). No-op by default."""
+    def on_optimizer_step(self, step: int) -> Restart | None:
+        """Called after every optimizer step (``step`` steps done). ReMoRA/ReLoRA merge here and
+        return the :class:`Restart` the loop applies to the optimizer and schedule; None by default."""
+        return None
 
     def merges_into_base(self) -> bool:
         """Whether training writes into the base weights (ReMoRA/ReLoRA merges). The run must then

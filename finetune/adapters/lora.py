@@ -8,8 +8,8 @@ B starts at zero, so the adapted model equals the base model at step 0.
 ReLoRA (methods.md §3, the LoRA baseline of ReMoRA) lives in :meth:`LoraAdapter.on_optimizer_step`:
 every ``relora_every`` optimizer steps s·B·A is merged into W0 (fp32 sum, rounded once), A is
 re-initialised Kaiming-uniform and B set to 0 (the model's function is unchanged), the optimizer
-state of A and B is dropped and the LR schedule restarts with a linear re-warmup — the same steps
-and helpers as ReMoRA.
+state of A and B is dropped and the LR schedule restarts with a linear re-warmup — the same
+:class:`Restart` as ReMoRA, applied by the training loop.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import math
 import torch
 from torch import nn
 
-from finetune.adapters.base import ALL_LINEAR, Adapter, AdapterLayer, find_targets, inject, is_quantized
+from finetune.adapters.base import Adapter, AdapterLayer, Restart, find_targets, inject, is_quantized
 from finetune.adapters.fast import low_rank_forward
-from finetune.adapters.mora import reset_optimizer_state, restart_schedule
+from finetune.config.schema import ALL_LINEAR
 from finetune.errors import UserError
 
 
@@ -76,22 +76,22 @@ class LoraAdapter(Adapter):
     def merges_into_base(self) -> bool:
         return int(self.settings.get("relora_every") or 0) > 0
 
-    def on_optimizer_step(self, step: int, optimizer, scheduler) -> None:
+    def on_optimizer_step(self, step: int) -> Restart | None:
         """ReLoRA trigger: after the optimizer step that makes ``step`` a positive multiple of
         ``relora_every`` (optimizer steps, not micro-batches)."""
         every = int(self.settings.get("relora_every") or 0)
         if every > 0 and step > 0 and step % every == 0:
-            self.relora_trigger(step, optimizer, scheduler)
+            return self.relora_trigger(step)
+        return None
 
     @torch.no_grad()
-    def relora_trigger(self, step: int, optimizer=None, scheduler=None) -> None:
-        """Merge and re-initialise every layer, reset A's and B's optimizer state, restart the LR."""
+    def relora_trigger(self, step: int) -> Restart:
+        """Merge and re-initialise every layer; the returned restart resets A's and B's optimizer
+        state and restarts the LR."""
         for layer in self.layers.values():
             layer.absorb()
-        if optimizer is not None and self.settings.get("relora_reset_optimizer", True):
-            reset_optimizer_state(optimizer, self.parameters())
-        if scheduler is not None:
-            restart_schedule(scheduler, step, int(self.settings.get("relora_warmup", 50)))
+        reset = self.parameters() if self.settings.get("relora_reset_optimizer", True) else []
+        return Restart(step, int(self.settings.get("relora_warmup", 50)), reset)
 
 
 def attach(model: nn.Module, rank: int = 8, alpha: float = 16.0, rslora: bool = False,

@@ -32,8 +32,9 @@ attribute, M stored once, merge of N_in = 1 and of ``Conv1D`` layers works, RoPE
 per-layer non-persistent buffers, unsupported layers and types are rejected.
 
 ReMoRA (§3) lives in :meth:`MoraAdapter.on_optimizer_step`: every ``remora_every`` optimizer steps
-ΔW is merged into W0, M is reset to 0, each layer moves to the next type of the cycle, the optimizer
-state of the M matrices is dropped and the LR schedule restarts with a linear re-warmup.
+ΔW is merged into W0, M is reset to 0, each layer moves to the next type of the cycle, and the
+returned :class:`Restart` has the training loop drop the optimizer state of the M matrices and
+restart the LR schedule with a linear re-warmup.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ import warnings
 import torch
 from torch import nn
 
-from finetune.adapters.base import (ALL_LINEAR, Adapter, AdapterLayer, _is_bnb, _is_conv1d, find_targets,
+from finetune.adapters.base import (Adapter, AdapterLayer, Restart, _is_bnb, _is_conv1d, find_targets,
                                     inject, is_quantized)
 from finetune.adapters.fast import mora_forward
+from finetune.config.schema import ALL_LINEAR
 from finetune.errors import UserError
 
 TYPES = (1, 2, 3, 4, 6)
@@ -367,51 +369,27 @@ class MoraAdapter(Adapter):
         self.settings["layer_types"] = self.layer_types()
         super().load_training_state_dict(state, settings)
 
-    def on_optimizer_step(self, step: int, optimizer, scheduler) -> None:
+    def on_optimizer_step(self, step: int) -> Restart | None:
         """ReMoRA trigger (§3): after the optimizer step that makes ``step`` (optimizer steps done,
-        not micro-batches) a positive multiple of ``remora_every``. Works whether the scheduler has
-        already stepped for this step or not."""
+        not micro-batches) a positive multiple of ``remora_every``."""
         every = int(self.settings.get("remora_every") or 0)
         if every > 0 and step > 0 and step % every == 0:
-            self.remora_trigger(step, optimizer, scheduler)
+            return self.remora_trigger(step)
+        return None
 
     @torch.no_grad()
-    def remora_trigger(self, step: int, optimizer=None, scheduler=None) -> None:
-        """Merge and reset every layer, switch types, reset M's optimizer state, restart the LR."""
+    def remora_trigger(self, step: int) -> Restart:
+        """Merge and reset every layer and switch types (steps 1 and 2); the returned restart resets
+        M's optimizer state (step 4) and restarts the LR (step 5)."""
         cycle = REMORA_CYCLES[int(self.settings.get("remora_cycle", 4))]
-        for layer in self.layers.values():                                  # steps 1 and 2
+        for layer in self.layers.values():
             if layer.mora_type not in cycle:
                 raise UserError(f"ReMoRA cannot continue from type {layer.mora_type}; "
                                 f"its cycle has types {sorted(cycle)}")
             layer.absorb(cycle[layer.mora_type])
         self.settings["layer_types"] = self.layer_types()
-        if optimizer is not None and self.settings.get("remora_reset_optimizer", True):  # step 4
-            reset_optimizer_state(optimizer, self.parameters())
-        if scheduler is not None:                                           # step 5
-            restart_schedule(scheduler, step, int(self.settings.get("remora_warmup", 50)))
-
-
-def reset_optimizer_state(optimizer, params) -> None:
-    """Delete the optimizer state (moments, step count) of ``params`` only; other parameters keep
-    theirs (§3 step 4, pretraining mode)."""
-    for p in params:
-        optimizer.state.pop(p, None)
-
-
-def restart_schedule(scheduler, step: int, warmup: int) -> None:
-    """Jagged restart (§3 step 5) of a LambdaLR over :class:`finetune.training.schedule.WarmupDecay`: each
-    group re-warms linearly over ``warmup`` steps to its LR at the trigger, then decays to 0 at the
-    end of the run. The groups' current LR is refreshed at once, so no step runs at the old LR."""
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if not lambdas or not all(hasattr(f, "restart") for f in lambdas):
-        raise TypeError("ReMoRA needs a LambdaLR over finetune.training.schedule.WarmupDecay "
-                        f"(got {type(scheduler).__name__})")
-    for f in {id(f): f for f in lambdas}.values():  # LambdaLR shares one callable across groups:
-        f.restart(step, warmup)                      # restart each schedule once
-    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
+        reset = self.parameters() if self.settings.get("remora_reset_optimizer", True) else []
+        return Restart(step, int(self.settings.get("remora_warmup", 50)), reset)
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.adapters.base import ALL_LINEAR, Adapter, AdapterLayer, find_targets, inject, layer_shape
+from finetune.adapters.base import Adapter, AdapterLayer, find_targets, inject, layer_shape
 from finetune.adapters.fast import low_rank_forward
+from finetune.config.schema import ALL_LINEAR
 from finetune.errors import UserError
 
 BANK_ATTR = "vblora_vector_bank"
@@ -246,16 +247,7 @@ class VBLoraLayer(AdapterLayer):
         return F.linear(F.linear(x, A), B)
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """base(x) + B·A·drop(x) through :mod:`finetune.adapters.fast` (same math, faster GEMMs)."""
-        if self.inference_only and self.training:
-            return None  # the generic path raises the explanation
-        A, B = self._factors if self._factors is not None else self.factors()
-        return low_rank_forward(self, x, A, B, 1.0)
-
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The exact fused route of :mod:`finetune.adapters.fast` (LoRA's, with scaling 1)."""
-        from finetune.adapters.fast import low_rank_forward
-
         self._check_trainable()
         A, B = self._factors if self._factors is not None else self.factors()
         return low_rank_forward(self, x, A, B, 1.0)

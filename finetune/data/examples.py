@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 FIELDS = ("input_ids", "labels", "position_ids")
+IGNORE = -100  # the label of a token that carries no loss (prompts, padding)
 META_FILE = "meta.json"
 
 

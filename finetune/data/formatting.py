@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from finetune.data.batching import IGNORE
+from finetune.data.examples import IGNORE
 from finetune.errors import UserError
 
 PREAMBLE = "The following is an instruction that describes a task. Write a response that carries it out."

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.data.batching import IGNORE
+from finetune.data.examples import IGNORE
 
 
 def model_inputs(batch: dict) -> dict:
-    """The model's keyword arguments. Packed rows (``position_ids``, finetune.data.batching.pack) go without
+    """The model's keyword arguments. Packed rows (``position_ids``, finetune.data.packing.pack) go without
     the padding mask: given position ids, no mask and no KV cache (``use_cache=False``),
     transformers builds the block-diagonal causal mask from the position restarts (sdpa/eager) or
     uses variable-length attention (flash)."""

@@ -494,18 +494,18 @@ def export_run(run_dir: str | Path, format: str = "peft", out: str | Path | None
                as_lora: bool = False) -> Path:
     """``finetune export RUN_DIR --format peft --out DIR``: load the run's base with its trained
     adapter and write it with :func:`export_peft` (base name from :func:`run_base_name`)."""
-    from finetune.outputs.merge import load_run, run_config
+    from finetune.run.directory import CONFIG_FILE as RUN_CONFIG
+    from finetune.run.directory import read_config
+    from finetune.run.load import load_run
 
     if format not in FORMATS:
         raise UserError(f"--format {format}: allowed: {', '.join(FORMATS)}")
     if out is None:
         raise UserError("--out is required: the directory to write the peft adapter to")
-    from finetune.run.directory import CONFIG_FILE as RUN_CONFIG
-
     if not (Path(run_dir) / RUN_CONFIG).is_file():
         raise UserError(f"not a finetune run directory: {run_dir} (no {RUN_CONFIG}); "
                         "`finetune export` takes the directory of a finished run")
-    cfg = run_config(Path(run_dir))
+    cfg = read_config(Path(run_dir))
     method = cfg.method.get("name")
     if method == "full":  # refuse before loading anything heavy
         raise UserError("full fine-tuning has no adapter to export in peft format; the run's merged "

@@ -48,6 +48,16 @@ def read_run(path: Path) -> dict:
     return json.loads((path / RUN_FILE).read_text())
 
 
+def read_config(path: Path):
+    """The run's resolved ``config.yaml`` as an OmegaConf DictConfig (the one reader of that file)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"{path}: not a finetune run directory (no {CONFIG_FILE})")
+    return OmegaConf.load(path / CONFIG_FILE)
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser().resolve()
@@ -73,6 +83,12 @@ class RunDir:
     def info(self) -> dict:
         return read_run(self.path)
 
+    def config(self):
+        return read_config(self.path)
+
+    def write_config(self, config_yaml: str) -> None:
+        write_atomic(self.path / CONFIG_FILE, config_yaml)
+
     def update(self, **fields) -> dict:
         info = self.info() if is_run(self.path) else {}
         info.update(fields)
@@ -85,25 +101,33 @@ class RunDir:
         for observer in self.observers:
             observer(record)
 
-    def create(self, config_yaml: str, overrides: list[str], overwrite: bool, **info) -> None:
-        """Claim the directory for a new run. A finished run is never replaced unless
-        ``overwrite``; a directory with other content is refused."""
+    def claim_mode(self, overwrite: bool) -> str:
+        """How a new run may take this directory: ``new`` (nothing there, or an empty folder) or
+        ``overwrite`` (a run, with ``overwrite``). Refuses a file, a finished or unfinished run
+        without ``overwrite``, and a folder with other content. Reads only."""
         p = self.path
         if p.exists() and not p.is_dir():
             raise UserError(f"output_dir={p}: exists and is not a directory")
         if is_run(p):
+            if overwrite:
+                return "overwrite"
             status = self.info().get("status")
-            if not overwrite:
-                hint = ("pass trainer.overwrite=true to replace it, or choose another output_dir"
-                        if status == "finished" else
-                        "continue it with trainer.resume=auto, pass trainer.overwrite=true to start over, "
-                        "or choose another output_dir")
-                raise UserError(f"output_dir={p} already holds a {status} run; {hint}")
-            self._clear()
-        elif p.is_dir() and any(p.iterdir()):
+            if status == "finished":
+                raise UserError(f"output_dir={p} already holds a finished run; pass trainer.overwrite=true to "
+                                "replace it, or choose another output_dir")
+            raise UserError(f"output_dir={p} already holds an unfinished run ({status}); continue it with "
+                            "trainer.resume=auto, start over with trainer.overwrite=true, or choose another "
+                            "output_dir")
+        if p.is_dir() and any(p.iterdir()):
             raise UserError(f"output_dir={p} is not empty and not a finetune run; choose another output_dir")
-        p.mkdir(parents=True, exist_ok=True)
-        write_atomic(p / CONFIG_FILE, config_yaml)
+        return "new"
+
+    def create(self, config_yaml: str, overrides: list[str], overwrite: bool, **info) -> None:
+        """Claim the directory for a new run (the rules of :meth:`claim_mode`)."""
+        if self.claim_mode(overwrite) == "overwrite":
+            self._clear()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_config(config_yaml)
         self.update(status="running", overrides=list(overrides), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     **info)
 

@@ -14,23 +14,23 @@ MODEL_DIR_OVERRIDES = ["model.init=pretrained", "model.gguf_file=null", "model.t
 
 
 def evaluate_path(path: str | Path, overrides: list[str] = (), config_dir: str | None = None) -> dict:
-    import torch
-
     from finetune.config.compose import compose
-    from finetune.outputs.merge import load_run
+    from finetune.models.device import device_type
+    from finetune.run.load import load_run
     from finetune.models.load import load_model
     from finetune.models.tokenizer import load_tokenizer
     from finetune.tasks import build_task
 
     path = Path(path).expanduser().resolve()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if is_run(path):
         info = read_run(path)
         cfg = compose(list(info.get("overrides", [])) + list(overrides),
                       config_dir or info.get("config_dir"))
+        device = device_type(cfg.trainer)
         model, _, tokenizer, _ = load_run(path, device)
     elif (path / "config.json").is_file():
         cfg = compose(list(overrides) + [f"model.path={path}", *MODEL_DIR_OVERRIDES], config_dir)
+        device = device_type(cfg.trainer)
         model, tokenizer = load_model(cfg.model, device, dtype="float32"), load_tokenizer(cfg.model)
     else:
         raise UserError(f"{path}: neither a finetune run directory nor a model directory (config.json)")

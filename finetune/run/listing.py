@@ -24,7 +24,6 @@ from finetune.run.directory import CONFIG_FILE, METRICS_FILE, RUN_FILE
 
 # Folders never searched (besides hidden ones such as .venv and .git, and the inside of a run).
 SKIP_DIRS = {"__pycache__", "node_modules", "site-packages"}
-CHECKPOINT = re.compile(r"^step-(\d+)$")
 
 
 def natural_key(path: Path) -> list:
@@ -66,11 +65,13 @@ def read_info(run_dir: Path) -> dict:
 
 def read_config(run_dir: Path) -> dict:
     """The resolved config.yaml as plain data ({} when missing or unreadable)."""
-    import yaml
+    from omegaconf import OmegaConf
+
+    from finetune.run import directory
 
     try:
-        return yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        return OmegaConf.to_container(directory.read_config(run_dir)) or {}
+    except Exception:  # listing never fails on one damaged run  # noqa: BLE001
         return {}
 
 
@@ -115,9 +116,9 @@ def last_logged_step(run_dir: Path) -> int | None:
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """Steps of the run's complete checkpoints (``checkpoints/step-N`` with a valid marker)."""
-    from finetune.training.checkpoint import complete_checkpoints
+    from finetune.run.checkpoints import complete_checkpoints, step_number
 
-    return [int(CHECKPOINT.match(p.name).group(1)) for p in complete_checkpoints(run_dir)]
+    return [step_number(p) for p in complete_checkpoints(run_dir)]
 
 
 def run_status(run_dir: Path, info: dict) -> str:

@@ -8,7 +8,8 @@ import logging
 
 import numpy as np
 
-from finetune.data.batching import IGNORE, fit_to_length, pack
+from finetune.data.examples import IGNORE
+from finetune.data.packing import fit_to_length, pack
 from finetune.errors import UserError
 from finetune.data.sources import Source
 

@@ -22,7 +22,8 @@ import sys
 
 import numpy as np
 
-from finetune.data.batching import IGNORE, segment_positions
+from finetune.data.examples import IGNORE
+from finetune.data.packing import segment_positions
 from finetune.errors import UserError
 from finetune.data.examples import Examples, load_examples
 from finetune.data.sources import Source, fingerprint, load_records

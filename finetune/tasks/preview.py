@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from finetune.data.batching import IGNORE
+from finetune.data.examples import IGNORE
 
 LEGEND = "+ tokens with loss (the model learns to predict them) · - context only (no loss)"
 

@@ -1,89 +1,22 @@
-"""Training checkpoints: everything needed to continue a run exactly, written atomically.
-
-    RUN_DIR/checkpoints/step-N/
-      weights.safetensors     the method's training tensors (adapter tensors; all weights for
-                              method=full; plus the merged base weights for ReMoRA)
-      adapter.json            method and settings (MoRA: each layer's current type)
-      optimizer.safetensors   optimizer state tensors, keyed by parameter name
-      rng.safetensors         torch (and CUDA) RNG states of every rank
-      state.json              step, tokens seen, optimizer hyper-parameters, LR scheduler state
-                              (including ReMoRA restarts), Python/NumPy RNG states per rank
-      config.yaml             the resolved config the run was trained with
-      COMPLETE                written last: the files above with their sizes
-
-A checkpoint is written into ``checkpoints/.tmp-step-N-<pid>`` and renamed to ``step-N`` once the
-marker is on disk, so a kill at any moment leaves either no ``step-N`` or a complete one; a
-``step-N`` whose marker or files do not match is never used. The data position needs no file: the
-example stream is a function of the step (finetune.data.batching). No pickle anywhere: tensors are
-safetensors, everything else JSON.
+"""Training checkpoints: everything needed to continue a run exactly — the trained tensors, the
+optimizer and LR-schedule state, every rank's RNG states — gathered from the training processes,
+handed to the run's checkpoint folder (finetune.run.checkpoints, which writes it atomically), and
+restored from it. The data position needs no file: the example stream is a function of the step
+(finetune.data.batching).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.training.distributed import gather_objects, on_main
 from finetune.errors import UserError
-
-DIR = "checkpoints"
-MARKER = "COMPLETE"
-WEIGHTS = "weights.safetensors"
-META = "adapter.json"
-OPTIMIZER = "optimizer.safetensors"
-RNG = "rng.safetensors"
-STATE = "state.json"
-CONFIG = "config.yaml"
-NAME = re.compile(r"step-(\d+)")
-
-
-# --------------------------------------------------------------------------------------------
-# Finding checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def is_complete(path: Path) -> bool:
-    """A ``step-N`` directory whose marker lists files that all exist with the listed sizes."""
-    path = Path(path)
-    if not NAME.fullmatch(path.name) or not (path / MARKER).is_file():
-        return False
-    try:
-        files = json.loads((path / MARKER).read_text())["files"]
-        return all((path / name).is_file() and (path / name).stat().st_size == size
-                   for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first."""
-    root = Path(run_dir) / DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
-
-
-def latest(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def step_of(path: Path) -> int:
-    return int(json.loads((Path(path) / STATE).read_text())["step"])
-
-
-def config_of(path: Path):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(Path(path) / CONFIG)
-
+from finetune.run.checkpoints import (CONFIG, DIR, MARKER, META, OPTIMIZER, RNG, STATE, WEIGHTS, is_complete,
+                                      prune, write)
+from finetune.training.distributed import gather_objects, on_main
 
 # --------------------------------------------------------------------------------------------
 # State pieces: optimizer, scheduler, RNG
@@ -219,52 +152,18 @@ def load_training_tensors(state: dict, model, adapter, settings: dict) -> None:
             p.copy_(value.to(p.dtype))
 
 
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write(root: Path, step: int, *, weights: dict, adapter_meta: dict, optim: tuple[dict, dict],
-          rng_states: list[dict], scheduler_state: dict, info: dict, config_yaml: str) -> Path:
-    """Write checkpoint ``step`` under ``root`` (RUN_DIR/checkpoints) atomically; return its path.
-    An existing complete ``step-N`` is kept as it is (it holds the same state)."""
-    from safetensors.torch import save_file
-
-    final = root / f"step-{step}"
-    if is_complete(final):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def checkpoint_files(step: int, weights: dict, adapter_meta: dict, optim: tuple[dict, dict],
+                     rng_states: list[dict], scheduler_state: dict, info: dict, config_yaml: str
+                     ) -> tuple[dict[str, dict], dict[str, str]]:
+    """The files of checkpoint ``step``: (tensor files, text files) for ``finetune.run.checkpoints.write``."""
     opt_tensors, opt_info = optim
     rng_tensors, rng_records = _split_rng(rng_states)
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "method": adapter_meta["method"]})
-    save_file(opt_tensors, str(tmp / OPTIMIZER), metadata={"format": "pt"})
-    save_file(rng_tensors, str(tmp / RNG), metadata={"format": "pt"})
-    (tmp / META).write_text(json.dumps(adapter_meta, indent=2, default=str) + "\n")
     state = {"step": step, **info, "optimizer": opt_info, "scheduler": scheduler_state, "rng": rng_records,
              "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (tmp / STATE).write_text(json.dumps(state, default=_json_default) + "\n")
-    (tmp / CONFIG).write_text(config_yaml)
-    files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    for name in files:
-        _fsync(tmp / name)
-    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}) + "\n")
-    _fsync(tmp / MARKER)
-    if final.exists():  # an incomplete leftover of an earlier attempt
-        _remove(final)
-    os.replace(tmp, final)
-    _fsync(root)
-    return final
+    tensors = {WEIGHTS: weights, OPTIMIZER: opt_tensors, RNG: rng_tensors}
+    texts = {META: json.dumps(adapter_meta, indent=2, default=str) + "\n",
+             STATE: json.dumps(state, default=_json_default) + "\n", CONFIG: config_yaml}
+    return tensors, texts
 
 
 def _json_default(value):
@@ -273,27 +172,6 @@ def _json_default(value):
     if isinstance(value, tuple):
         return list(value)
     return str(value)
-
-
-def _remove(path: Path) -> None:
-    """Hide the directory first (a rename), then delete it: a kill midway leaves no half-deleted
-    ``step-N`` behind."""
-    trash = path.with_name(f".del-{path.name}-{os.getpid()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints (0: all); drop leftovers of interrupted saves."""
-    if not root.is_dir():
-        return
-    for p in root.iterdir():
-        if p.name.startswith((".tmp-step-", ".del-")):
-            shutil.rmtree(p, ignore_errors=True)
-    done = complete_checkpoints(root.parent)
-    if keep > 0:
-        for p in done[:-keep]:
-            _remove(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,9 +205,8 @@ class Checkpointer:
                 "global_batch": self.global_batch}
 
         def write_and_prune():
-            path = write(self.root, step, weights=weights, adapter_meta=meta, optim=optim,
-                         rng_states=rng_states, scheduler_state=self.scheduler.state_dict(), info=info,
-                         config_yaml=self.config_yaml)
+            path = write(self.root, step, *checkpoint_files(step, weights, meta, optim, rng_states,
+                                                             self.scheduler.state_dict(), info, self.config_yaml))
             prune(self.root, self.keep)
             return str(path)
 

@@ -39,7 +39,7 @@ from finetune.training.distributed import any_rank, broadcast_object, whole_para
 from finetune.training.launch import warn_if_not_launched
 from finetune.training.optimizer import make_optimizer
 from finetune.training.resume import Start, abandon, open_run, resume_command
-from finetune.training.schedule import make_scheduler
+from finetune.training.schedule import apply_restart, make_scheduler
 from finetune.training.signals import StopSignals
 
 
@@ -189,7 +189,7 @@ def _train(cfg, accelerator, run: RunDir, device: str, say, quiet: bool, tqdm, s
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        adapter.on_optimizer_step(step + 1, optimizer, scheduler)
+        apply_restart(adapter.on_optimizer_step(step + 1), optimizer, scheduler)
 
         tokens_seen += tokens_step
         tps = tokens_step / max(time.time() - step_start, 1e-9)

@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.training import checkpoint
+from finetune.run import checkpoints
 from finetune.training.distributed import on_main
 from finetune.errors import RunInterrupted, UserError, first_line
 from finetune.run.directory import METRICS_FILE, RunDir, default_output_dir, is_run, write_atomic
@@ -72,10 +72,10 @@ class Start:
 def find_checkpoint(value: str) -> Path:
     """``trainer.resume=PATH``: a complete checkpoint, or a run directory (its newest one)."""
     path = Path(value).expanduser().resolve()
-    if checkpoint.is_complete(path):
+    if checkpoints.is_complete(path):
         return path
-    if path.is_dir() and (is_run(path) or (path / checkpoint.DIR).is_dir()):
-        newest = checkpoint.latest(path)
+    if path.is_dir() and (is_run(path) or (path / checkpoints.DIR).is_dir()):
+        newest = checkpoints.latest(path)
         if newest is None:
             raise UserError(f"trainer.resume={value}: the run has no complete checkpoint "
                             "(trainer.save_every=N writes them)")
@@ -90,7 +90,7 @@ def find_checkpoint(value: str) -> Path:
 def checkpoint_run(ckpt: Path) -> Path | None:
     """The run directory a checkpoint belongs to (RUN_DIR/checkpoints/step-N), if any."""
     run = ckpt.parent.parent
-    return run if ckpt.parent.name == checkpoint.DIR and is_run(run) else None
+    return run if ckpt.parent.name == checkpoints.DIR and is_run(run) else None
 
 
 def decide_output_dir(cfg) -> Path:
@@ -124,7 +124,7 @@ def plan(cfg, run_dir: Path, num_processes: int) -> Start:
             raise UserError(f"output_dir={run.path} already holds a finished run; nothing to resume "
                             "(choose another output_dir, or trainer.overwrite=true without trainer.resume)")
         if info is not None:
-            ckpt = checkpoint.latest(run.path)
+            ckpt = checkpoints.latest(run.path)
             if ckpt is None:
                 return Start(str(run.path), "overwrite", warnings=[
                     f"{run.path} has no complete checkpoint; trainer.resume=auto starts it again from step 0"])
@@ -137,27 +137,8 @@ def plan(cfg, run_dir: Path, num_processes: int) -> Start:
                 raise UserError(f"output_dir={run.path} already holds a finished run; to train on from "
                                 f"{ckpt.name}, write a new run: pass another output_dir")
             return Start(str(run.path), "continue", str(ckpt), step, warnings)
-        return Start(str(run.path), _claim_mode(run, info, t.overwrite), str(ckpt), step, warnings)
-    return Start(str(run.path), _claim_mode(run, info, t.overwrite))
-
-
-def _claim_mode(run: RunDir, info: dict | None, overwrite: bool) -> str:
-    """new | overwrite for a fresh run in ``run``; the refusals of RunDir.create, up front."""
-    p = run.path
-    if p.exists() and not p.is_dir():
-        raise UserError(f"output_dir={p}: exists and is not a directory")
-    if info is not None:
-        if overwrite:
-            return "overwrite"
-        status = info.get("status")
-        if status == "finished":
-            raise UserError(f"output_dir={p} already holds a finished run; pass trainer.overwrite=true to "
-                            "replace it, or choose another output_dir")
-        raise UserError(f"output_dir={p} already holds an unfinished run ({status}); continue it with "
-                        "trainer.resume=auto, start over with trainer.overwrite=true, or choose another output_dir")
-    if p.is_dir() and any(p.iterdir()):
-        raise UserError(f"output_dir={p} is not empty and not a finetune run; choose another output_dir")
-    return "new"
+        return Start(str(run.path), run.claim_mode(t.overwrite), str(ckpt), step, warnings)
+    return Start(str(run.path), run.claim_mode(t.overwrite))
 
 
 def _refuse_if_in_use(path: Path, info: dict) -> None:
@@ -179,9 +160,9 @@ def check_drift(cfg, ckpt: Path, num_processes: int) -> tuple[int, list[str]]:
 
     from finetune.config.compose import flatten, to_container
 
-    state = json.loads((ckpt / checkpoint.STATE).read_text())
+    state = json.loads((ckpt / checkpoints.STATE).read_text())
     step = int(state["step"])
-    old = flatten(OmegaConf.to_container(checkpoint.config_of(ckpt), resolve=True))
+    old = flatten(OmegaConf.to_container(checkpoints.config_of(ckpt), resolve=True))
     new = flatten(to_container(cfg))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     changed = [k for k in changed if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in FREE)]
@@ -221,7 +202,7 @@ def begin(start: Start, cfg, overrides: list[str], **info) -> None:
     extra = {"resumed_from": start.checkpoint} if start.checkpoint else {}
     if start.mode == "continue":
         truncate_log(run.path / METRICS_FILE, start.step)
-        write_atomic(run.path / "config.yaml", to_yaml(cfg))
+        run.write_config(to_yaml(cfg))
         resumes = list(run.info().get("resumes", [])) + [{"checkpoint": start.checkpoint, "step": start.step}]
         run.update(status="running", overrides=list(overrides), error=None, resumes=resumes, **info)
         return
@@ -267,9 +248,9 @@ def abandon(start: Start, error: BaseException) -> None:
     if isinstance(error, (RunInterrupted, KeyboardInterrupt)):
         if is_run(run.path):
             run.update(status="interrupted", error=None,
-                       last_checkpoint=str(checkpoint.latest(run.path) or "") or None)
+                       last_checkpoint=str(checkpoints.latest(run.path) or "") or None)
         return
-    trained = (run.path / METRICS_FILE).is_file() or checkpoint.latest(run.path) is not None
+    trained = (run.path / METRICS_FILE).is_file() or checkpoints.latest(run.path) is not None
     if isinstance(error, UserError) and not trained and start.mode == "new" and start.checkpoint is None:
         if start.created:
             shutil.rmtree(run.path, ignore_errors=True)

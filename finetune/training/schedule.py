@@ -1,5 +1,5 @@
 """Learning-rate schedules: linear warmup, then linear / cosine decay to 0 or constant, with
-optional "jagged" restarts (ReMoRA/ReLoRA, methods.md §3 step 5).
+optional "jagged" restarts and optimizer-state resets (ReMoRA/ReLoRA, methods.md §3 steps 4-5).
 
 :class:`WarmupDecay` is a picklable callable for ``torch.optim.lr_scheduler.LambdaLR``: it maps the
 0-based optimizer step to a factor of each group's base LR. Its attributes (including restarts) are
@@ -49,3 +49,37 @@ def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
     from torch.optim.lr_scheduler import LambdaLR
 
     return LambdaLR(optimizer, WarmupDecay(kind, warmup_steps, total_steps))
+
+
+def reset_optimizer_state(optimizer, params) -> None:
+    """Delete the optimizer state (moments, step count) of ``params`` only; other parameters keep
+    theirs (methods.md §3 step 4, pretraining mode)."""
+    for p in params:
+        optimizer.state.pop(p, None)
+
+
+def restart_schedule(scheduler, step: int, warmup: int) -> None:
+    """Jagged restart (methods.md §3 step 5) of a LambdaLR over :class:`WarmupDecay`: each group
+    re-warms linearly over ``warmup`` steps to its LR at the trigger, then decays to 0 at the end of
+    the run. The groups' current LR is refreshed at once, so no step runs at the old LR."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if not lambdas or not all(hasattr(f, "restart") for f in lambdas):
+        raise TypeError("ReMoRA needs a LambdaLR over finetune.training.schedule.WarmupDecay "
+                        f"(got {type(scheduler).__name__})")
+    for f in {id(f): f for f in lambdas}.values():  # LambdaLR shares one callable across groups:
+        f.restart(step, warmup)                      # restart each schedule once
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def apply_restart(restart, optimizer=None, scheduler=None) -> None:
+    """Carry out an adapter's :class:`finetune.adapters.base.Restart` (None: nothing to do). Works
+    whether the scheduler has already stepped for this step or not."""
+    if restart is None:
+        return
+    if optimizer is not None:
+        reset_optimizer_state(getattr(optimizer, "optimizer", optimizer), restart.reset)
+    if scheduler is not None:
+        restart_schedule(scheduler, restart.step, restart.warmup)
