@@ -1,15 +1,17 @@
 """The training loop, top to bottom, on Hugging Face Accelerate (one CPU/GPU up to multi-node).
 
-    set-up:  run directory (decided once by the main process: new, or continued — finetune.training.resume)
-             → seed → tokenizer + task data → base model → method attached → AdamW (parameter
-             groups from the method) → warmup + decay schedule → checkpoint restored, if resuming
-    loop:    per optimizer step, ``grad_accum`` micro-batches; the loss is the sum of token losses
-             over the whole window (all micro-batches, all processes) divided by the window's
-             token count, so batch 8 × accumulation 1 == batch 1 × accumulation 8;
-             every ``save_every`` steps a checkpoint (finetune.training.checkpoint); on SIGINT/SIGTERM a
-             checkpoint, then stop (finetune.training.signals)
-    end:     evaluate the task metric → save adapter, tokenizer (and random-init base)
-             → merged model → run.json says finished
+    train:     run directory (decided once by the main process: new, or continued —
+               finetune.training.resume) → Accelerator, trackers, signal handlers → the three
+               stages below, around one :class:`Session` → run.json says finished
+    set_up:    seed → tokenizer + task data → base model → method attached → AdamW (parameter
+               groups from the method) → warmup + decay schedule → checkpoint restored, if resuming
+    run_steps: per optimizer step, ``grad_accum`` micro-batches; the loss is the sum of token losses
+               over the whole window (all micro-batches, all processes) divided by the window's
+               token count, so batch 8 × accumulation 1 == batch 1 × accumulation 8; every
+               ``save_every`` steps a checkpoint (finetune.training.checkpoint); on SIGINT/SIGTERM a
+               checkpoint, then stop (finetune.training.signals)
+    finish:    evaluate the task metric → save adapter, tokenizer (and a base the run changed)
+               → merged model
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import math
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,7 +48,7 @@ from finetune.training.signals import StopSignals
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks (also used by eval and merge)
+# One accumulation window
 # --------------------------------------------------------------------------------------------
 
 
@@ -75,14 +79,49 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator, loss_chu
 
 
 # --------------------------------------------------------------------------------------------
-# The run
+# The run: set-up → loop → finish, around one Session
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Session:
+    """What one run's loop works with. ``set_up`` builds it; ``run_steps`` advances ``step`` (optimizer
+    steps done), ``tokens_seen`` and ``loss``; ``finish`` saves, evaluates and merges."""
+
+    cfg: Any
+    accelerator: Any
+    run: RunDir
+    start: Start
+    stop: StopSignals
+    device: str
+    quiet: bool
+    tokenizer: Any = None
+    task: Any = None
+    examples: Any = None
+    model: Any = None
+    adapter: Any = None
+    full: dict = field(default_factory=dict)  # base modules trained in full (task.train_modules)
+    params: dict = field(default_factory=dict)  # parameter counts for run.json
+    base_params: int = 0
+    optimizer: Any = None
+    scheduler: Any = None
+    saver: checkpoint.Checkpointer | None = None
+    step: int = 0
+    tokens_seen: int = 0
+    loss: float = float("nan")
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, *args) -> None:
+        if self.main and not self.quiet:
+            print(*args, flush=True)
+
+
 def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str | None = None) -> dict:
+    """Train ``cfg`` into its run directory; returns ``{"run_dir", **summary}`` (see ``finish``)."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     t = cfg.trainer
     device = device_type(t)
@@ -93,169 +132,182 @@ def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str |
     run = start.run
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision(t, device),
                               log_with=tracking.log_with(cfg, run.path))
-    main = accelerator.is_main_process
-    say = (lambda *a: print(*a, flush=True)) if (main and not quiet) else (lambda *a: None)
     reset_peak_memory(device)
     start_time = time.time()
     stop = StopSignals(escalate=not in_launched_process()).install()
+    session = Session(cfg, accelerator, run, start, stop, device, quiet)
     failure = None
     try:
         tracking.start(accelerator, cfg, run.path)
         run.observers.append(tracking.Recorder(accelerator))  # metrics.jsonl records → TensorBoard
         with progress.quiet_if(quiet):
-            summary = _train(cfg, accelerator, run, device, say, quiet, tqdm, set_seed, start=start, stop=stop)
+            set_up(session)
+            run_steps(session)
+            summary = finish(session)
     except BaseException as e:
         failure = e
         raise
     finally:
         stop.uninstall()
         tracking.finish(accelerator)  # flush TensorBoard / W&B, also after a failure
-        if failure is not None and main:
+        if failure is not None and session.main:
             abandon(start, failure)  # interrupted, failed, or (a mistake before training) removed
     summary["wall_time_s"] = time.time() - start_time
-    if main:
+    if session.main:
         run.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **summary)
     return {"run_dir": str(run.path), **summary}
 
 
-def _train(cfg, accelerator, run: RunDir, device: str, say, quiet: bool, tqdm, set_seed,
-           start: Start | None = None, stop: StopSignals | None = None) -> dict:
-    t = cfg.trainer
-    main = accelerator.is_main_process
-    set_seed(t.seed)
+def set_up(s: Session) -> None:
+    """Seed → tokenizer and training examples → base model → method attached (and base modules
+    trained in full) → optimizer and schedule → wrapped for the processes → checkpoint restored."""
+    from accelerate.utils import set_seed
 
-    tokenizer = load_tokenizer(cfg.model)
-    task = build_task(cfg.task, tokenizer)
-    examples = task.train_examples()
-    if not examples:
+    cfg, t = s.cfg, s.cfg.trainer
+    set_seed(t.seed)
+    s.tokenizer = load_tokenizer(cfg.model)
+    s.task = build_task(cfg.task, s.tokenizer)
+    s.examples = s.task.train_examples()
+    if not s.examples:
         raise UserError(f"task {cfg.task.name}: no training examples")
 
     # A random-init base is saved in full precision (before any 4/8-bit quantization), so that a
     # merge can re-quantize it exactly as here or use the original weights (`merge --base original`).
-    save_base = run.base if (main and cfg.model.init == "random") else None
-    model = load_model(cfg.model, device, dtype=base_dtype(cfg, device), save_base=save_base)
-    base_params = count_params(model)
-    adapter = adapters.attach(model, cfg.method.name, method_settings(cfg))
+    save_base = s.run.base if (s.main and cfg.model.init == "random") else None
+    model = load_model(cfg.model, s.device, dtype=base_dtype(cfg, s.device), save_base=save_base)
+    s.base_params = count_params(model)
+    s.adapter = adapters.attach(model, cfg.method.name, method_settings(cfg))
     # Base modules the task trains in full next to the adapter (pretraining: embeddings, norms,
     # lm_head); they are saved with the base in RUN_DIR/base at the end.
-    full = unfreeze_modules(model, getattr(task, "train_modules", None), adapter)
-    params = adapter.summary(base_params)
-    say(f"{cfg.method.name}: {params['trainable_params']:,} trainable / {params['stored_params']:,} stored "
-        f"parameters ({params['trainable_pct_of_base']:.3f}% of the {base_params:,}-parameter base)")
-    if full:
-        params["fully_trained_params"] = sum(p.numel() for p in full.values())
-        say(f"trained in full: {params['fully_trained_params']:,} parameters of the base "
-            f"({len(full)} tensors: {', '.join(list(full)[:3])}{', ...' if len(full) > 3 else ''})")
+    s.full = unfreeze_modules(model, getattr(s.task, "train_modules", None), s.adapter)
+    _count_params(s)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    resumed = checkpoint.open_checkpoint(start.checkpoint) if start and start.checkpoint else None
+    resumed = checkpoint.open_checkpoint(s.start.checkpoint) if s.start.checkpoint else None
     if resumed:  # trained weights (ReMoRA: also its base weights and layer types) before wrapping
-        checkpoint.restore_weights(resumed, model, adapter)
+        checkpoint.restore_weights(resumed, model, s.adapter)
 
-    optimizer = make_optimizer(adapter, t, full)
-    scheduler = make_scheduler(optimizer, t.schedule.value if hasattr(t.schedule, "value") else t.schedule,
-                               t.warmup_steps, t.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    saver = checkpoint.Checkpointer(run.path, cfg, accelerator, model, adapter, optimizer, scheduler)
-    first_step, tokens_seen = 0, 0
+    optimizer = make_optimizer(s.adapter, t, s.full)
+    s.scheduler = make_scheduler(optimizer, getattr(t.schedule, "value", t.schedule), t.warmup_steps,
+                                 t.max_steps)
+    s.model, s.optimizer = s.accelerator.prepare(model, optimizer)
+    s.model.train()
+    s.saver = checkpoint.Checkpointer(s.run.path, cfg, s.accelerator, s.model, s.adapter, s.optimizer,
+                                      s.scheduler)
     if resumed:  # optimizer, LR schedule, RNG; the data position is the step number
-        checkpoint.restore_training(resumed, model, optimizer, scheduler, accelerator.process_index)
-        first_step, tokens_seen, saver.last = resumed.step, resumed.tokens_seen, resumed.path
-        say(f"resumed from {resumed.path} at step {first_step}")
+        checkpoint.restore_training(resumed, s.model, s.optimizer, s.scheduler, s.accelerator.process_index)
+        s.step, s.tokens_seen, s.saver.last = resumed.step, resumed.tokens_seen, resumed.path
+        s.say(f"resumed from {resumed.path} at step {s.step}")
 
-    stream = ExampleStream(len(examples), t.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    world, rank = accelerator.num_processes, accelerator.process_index
-    bar = tqdm(total=t.max_steps, initial=first_step, desc="train", disable=quiet or not main,
-               dynamic_ncols=True)
-    loss_value = float("nan")
-    for step in range(first_step, t.max_steps):
+
+def _count_params(s: Session) -> None:
+    s.params = s.adapter.summary(s.base_params)
+    p = s.params
+    s.say(f"{s.cfg.method.name}: {p['trainable_params']:,} trainable / {p['stored_params']:,} stored "
+          f"parameters ({p['trainable_pct_of_base']:.3f}% of the {s.base_params:,}-parameter base)")
+    if s.full:
+        p["fully_trained_params"] = sum(x.numel() for x in s.full.values())
+        names = list(s.full)
+        s.say(f"trained in full: {p['fully_trained_params']:,} parameters of the base "
+              f"({len(names)} tensors: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+
+
+def run_steps(s: Session) -> None:
+    """Optimizer steps from ``s.step`` to ``trainer.max_steps``: one accumulation window each, then
+    logging, evaluation, checkpoints and the stop check at the step boundary."""
+    t = s.cfg.trainer
+    stream = ExampleStream(len(s.examples), t.seed)
+    pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
+    trainable = [p for group in s.optimizer.param_groups for p in group["params"] if p.requires_grad]
+    world, rank = s.accelerator.num_processes, s.accelerator.process_index
+    bar = progress.bar(total=t.max_steps, initial=s.step, desc="train")
+    while s.step < t.max_steps:
         step_start = time.time()
-        micro = [collate([examples[i] for i in idx], pad_id)
-                 for idx in stream.micro_batches(step, t.batch_size, t.grad_accum, rank, world)]
-        loss_value, tokens_step = accumulate_gradients(model, micro, accelerator, t.loss_chunk)
-        if not math.isfinite(loss_value):
-            last_good = (f"; the last good checkpoint {saver.last} stays (continue from it with "
-                         "trainer.resume=auto)") if saver.last else ""
-            raise TrainingError(f"loss became {loss_value} at step {step + 1}; lower trainer.lr or check the "
+        micro = [collate([s.examples[i] for i in idx], pad_id)
+                 for idx in stream.micro_batches(s.step, t.batch_size, t.grad_accum, rank, world)]
+        s.loss, tokens_step = accumulate_gradients(s.model, micro, s.accelerator, t.loss_chunk)
+        if not math.isfinite(s.loss):
+            last_good = (f"; the last good checkpoint {s.saver.last} stays (continue from it with "
+                         "trainer.resume=auto)") if s.saver.last else ""
+            raise TrainingError(f"loss became {s.loss} at step {s.step + 1}; lower trainer.lr or check the "
                                 f"data{last_good}")
-        grad_norm = None
-        if t.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        apply_restart(adapter.on_optimizer_step(step + 1), optimizer, scheduler)
+        grad_norm = s.accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
+        lr = s.optimizer.param_groups[0]["lr"]
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        apply_restart(s.adapter.on_optimizer_step(s.step), s.optimizer, s.scheduler)
 
-        tokens_seen += tokens_step
+        s.tokens_seen += tokens_step
         tps = tokens_step / max(time.time() - step_start, 1e-9)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-        if main and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
-            run.log({"step": step + 1, "loss": loss_value, "lr": lr, "tokens_per_s": tps,
-                     "tokens": tokens_seen, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                     "time": time.time()})
-        if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.max_steps:
-            metrics = _evaluate(task, accelerator, model, device)
-            if main:
-                run.log({"step": step + 1, "eval": metrics})
-                if not quiet:
-                    bar.write(f"step {step + 1}: " + _fmt(metrics))
-        if t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == t.max_steps):
-            saver.save(step + 1, tokens_seen)
-        if stop is not None and any_rank(accelerator, stop.received is not None):
-            raise _interrupted(stop, saver.save(step + 1, tokens_seen), step + 1, start, main)
+        bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        if s.main and (s.step % t.log_every == 0 or s.step == t.max_steps):
+            s.run.log({"step": s.step, "loss": s.loss, "lr": lr, "tokens_per_s": tps, "tokens": s.tokens_seen,
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None, "time": time.time()})
+        if t.eval_every and s.step % t.eval_every == 0 and s.step < t.max_steps:
+            metrics = _evaluate(s)
+            if s.main:
+                s.run.log({"step": s.step, "eval": metrics})
+                if not s.quiet:
+                    bar.write(f"step {s.step}: " + _fmt(metrics))
+        if t.save_every and (s.step % t.save_every == 0 or s.step == t.max_steps):
+            s.saver.save(s.step, s.tokens_seen)
+        if any_rank(s.accelerator, s.stop.received is not None):
+            raise _interrupted(s, s.saver.save(s.step, s.tokens_seen))
     bar.close()
-    if stop is not None:
-        stop.abort_on_next()  # from here on (evaluation, saving, merging) a signal stops at once
+    s.stop.abort_on_next()  # from here on (evaluation, saving, merging) a signal stops at once
 
-    metrics = _evaluate(task, accelerator, model, device)
-    summary = {"final_loss": loss_value, "steps": t.max_steps, "tokens_seen": tokens_seen,
-               "metric": task.metric, "metrics": metrics, "params": params,
-               "peak_memory_mb": peak_memory_mb(device), "environment": environment_info(device)}
-    with whole_parameters(accelerator, model):  # FSDP / ZeRO-3: gather the shards to save them
-        if main:
-            adapters.save_adapter(adapter, run.path, meta={"base_model": to_container(cfg.model),
-                                                             "base_params": base_params})
-            if full or adapter.merges_into_base():  # ReMoRA/ReLoRA merges, fully trained modules
-                adapter.save_base(run.base)  # the base the adapter now belongs to (load_run prefers it)
-    if main:
-        run.log({"step": t.max_steps, "eval": metrics})
-        tokenizer.save_pretrained(run.tokenizer)
-        say(f"{task.metric} = {metrics[task.metric]:.4f}  ({_fmt(metrics)})")
-        say(f"run directory: {run.path}")
+
+def finish(s: Session) -> dict:
+    """Evaluate → save the adapter (and a base the run changed), the tokenizer → merge; returns the
+    summary for run.json."""
+    cfg, t = s.cfg, s.cfg.trainer
+    metrics = _evaluate(s)
+    summary = {"final_loss": s.loss, "steps": t.max_steps, "tokens_seen": s.tokens_seen,
+               "metric": s.task.metric, "metrics": metrics, "params": s.params,
+               "peak_memory_mb": peak_memory_mb(s.device), "environment": environment_info(s.device)}
+    with whole_parameters(s.accelerator, s.model):  # FSDP / ZeRO-3: gather the shards to save them
+        if s.main:
+            adapters.save_adapter(s.adapter, s.run.path, meta={"base_model": to_container(cfg.model),
+                                                                 "base_params": s.base_params})
+            if s.full or s.adapter.merges_into_base():  # ReMoRA/ReLoRA merges, fully trained modules
+                s.adapter.save_base(s.run.base)  # the base the adapter now belongs to (load_run prefers it)
+    if s.main:
+        s.run.log({"step": t.max_steps, "eval": metrics})
+        s.tokenizer.save_pretrained(s.run.tokenizer)
+        s.say(f"{s.task.metric} = {metrics[s.task.metric]:.4f}  ({_fmt(metrics)})")
+        s.say(f"run directory: {s.run.path}")
         if t.merge:
             from finetune.outputs.merge import merge_run
 
-            out = merge_run(run.path, quiet=quiet)
+            out = merge_run(s.run.path, quiet=s.quiet)
             summary["merged"] = str(out)
-            say(f"merged model:  {out}")
+            s.say(f"merged model:  {out}")
     # No barrier after the merge: the other ranks are done, and waiting for a long merge of a big
     # model would run into the collectives' timeout.
     return summary
 
 
-def _interrupted(stop: StopSignals, path, step: int, start: Start | None, main: bool) -> RunInterrupted:
+def _interrupted(s: Session, path) -> RunInterrupted:
     """The exception that ends a run stopped by a signal, once its checkpoint is written."""
-    sig = stop.received or signal.SIGTERM  # another rank may have received it
-    hint = f"; continue with: {resume_command(start.overrides, start.run_dir)}" if (main and start) else ""
-    return RunInterrupted(f"interrupted by {sig.name} after step {step}; checkpoint saved in {path}{hint}", sig)
+    sig = s.stop.received or signal.SIGTERM  # another rank may have received it
+    hint = f"; continue with: {resume_command(s.start.overrides, s.start.run_dir)}" if s.main else ""
+    return RunInterrupted(f"interrupted by {sig.name} after step {s.step}; checkpoint saved in {path}{hint}", sig)
 
 
-def _evaluate(task, accelerator, model, device) -> dict:
+def _evaluate(s: Session) -> dict:
     """The task metric, the same on every rank. Every rank evaluates (with sharded parameters, FSDP
     or ZeRO-3, each forward pass needs all ranks) and the main process's result is shared."""
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = s.accelerator.unwrap_model(s.model)
     was_training = unwrapped.training
     unwrapped.eval()
-    with accelerator.autocast():
-        metrics = task.evaluate(unwrapped, accelerator.device)
+    with s.accelerator.autocast():
+        metrics = s.task.evaluate(unwrapped, s.accelerator.device)
     unwrapped.train(was_training)
-    return broadcast_object(accelerator, metrics)
+    return broadcast_object(s.accelerator, metrics)
 
 
 def _fmt(metrics: dict) -> str:
