@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make train   set up the virtualenv, then fine-tune the embedded default model (offline)
-#   make test    set up the virtualenv, then run the test suite (offline)
+#   make test    set up the virtualenv, then the linter and the test suite (offline)
 VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
@@ -24,6 +24,7 @@ train: install
 	$(BIN)/finetune train $(ARGS)
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q $(ARGS)
 
 clean:

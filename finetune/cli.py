@@ -183,8 +183,8 @@ def report(dirs: List[Path] = typer.Argument(..., help="Run directories, or fold
     final loss, the task metric. Plots: loss curves, metric vs rank / bank size, metric vs stored
     parameters."""
     from finetune.report.report import table, write_report
-    from finetune.run.listing import display_path
     from finetune.report.table import text_table
+    from finetune.run.listing import display_path
 
     result = write_report(dirs, out, plots=not no_plots)
     if not quiet:
@@ -201,8 +201,8 @@ def list_runs(dirs: Optional[List[Path]] = typer.Argument(None, help="Folders to
 
     Status: finished, running, resumable (has a checkpoint), stale (its process died), failed,
     interrupted."""
-    from finetune.run.listing import describe, find_runs, runs_table
     from finetune.report.table import text_table
+    from finetune.run.listing import describe, find_runs, runs_table
 
     records = [describe(path) for path in find_runs(dirs or [Path(".")])]
     if as_json:

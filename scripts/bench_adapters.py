@@ -85,7 +85,8 @@ def parse_args(argv=None):
 
 def method_settings(method: str) -> dict:
     """The method's settings from the project's config groups, with the benchmark's overrides."""
-    from finetune.config.compose import compose, method_settings as settings_of
+    from finetune.config.compose import compose
+    from finetune.config.compose import method_settings as settings_of
 
     overrides = {"lora": ["method.rank=8", "method.alpha=16", "method.dropout=0.0"],
                  "mora": ["method.rank=8", "method.dropout=0.0"],
@@ -205,7 +206,7 @@ def run(args) -> dict:
     del base
 
     for _ in range(args.warmup):
-        for name, step in variants.items():
+        for step in variants.values():
             step()
     names = list(variants)
     times = {name: [] for name in names}

@@ -37,8 +37,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (bench_parser, output_path, check_ok, child_env, hardware_info, hardware_line, md_table,  # noqa: E402
-                      median, print_hardware, run_measured, write_outputs)
+from benchlib import (  # noqa: E402
+    bench_parser,
+    check_ok,
+    child_env,
+    hardware_info,
+    hardware_line,
+    md_table,
+    median,
+    output_path,
+    print_hardware,
+    run_measured,
+    write_outputs,
+)
 
 
 def parse_args(argv=None):
@@ -112,8 +123,8 @@ def make_run(args, work: Path, env: dict) -> Path:
 
 def base_and_tokenizer(run: Path) -> tuple[str, str]:
     """Where the run's base weights and tokenizer are (what a peft user would load)."""
-    from finetune.run.directory import read_config
     from finetune.models.load import source_dir
+    from finetune.run.directory import read_config
 
     if (run / "base").is_dir():
         base = str(run / "base")

@@ -33,8 +33,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (bench_parser, output_path, check_ok, child_env, hardware_info, hardware_line, md_table,  # noqa: E402
-                      median, print_hardware, run_measured, write_outputs)
+from benchlib import (  # noqa: E402
+    bench_parser,
+    check_ok,
+    child_env,
+    hardware_info,
+    hardware_line,
+    md_table,
+    median,
+    output_path,
+    print_hardware,
+    run_measured,
+    write_outputs,
+)
 
 GOALS = {"help": 0.3, "config": 0.5, "load": 3.0}
 

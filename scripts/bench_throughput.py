@@ -46,8 +46,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (bench_parser, output_path, check_ok, child_env, hardware_info, hardware_line,  # noqa: E402
-                      md_table, median, print_hardware, run_measured, write_outputs)
+from benchlib import (  # noqa: E402
+    bench_parser,
+    check_ok,
+    child_env,
+    hardware_info,
+    hardware_line,
+    md_table,
+    median,
+    output_path,
+    print_hardware,
+    run_measured,
+    write_outputs,
+)
 
 DATA = "/work/shared/data/gsm8k/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -128,8 +139,7 @@ def worker_prepare(spec: dict) -> None:
 def worker_baseline(spec: dict) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from finetune.models.load import source_dir
 

@@ -52,8 +52,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (bench_parser, output_path, child_env, hardware_info, hardware_line, md_table,  # noqa: E402
-                      print_hardware, run_measured, write_outputs)
+from benchlib import (  # noqa: E402
+    bench_parser,
+    child_env,
+    hardware_info,
+    hardware_line,
+    md_table,
+    output_path,
+    print_hardware,
+    run_measured,
+    write_outputs,
+)
 
 FORMAT_ONLY = 100 * (1 + 0.25 + 30 / 16) / 32  # ≈ 9.8 %: the version digit, a 1-in-4 variant, chance
 LABELS = {"lora": "LoRA", "mora": "MoRA", "vblora": "VB-LoRA", "full": "Full FT"}

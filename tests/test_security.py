@@ -113,6 +113,7 @@ def test_a_package_path_names_one_package_and_imports_nothing():
 
 def test_a_run_writes_no_pickle_files(tmp_path):
     from conftest import tiny_config
+
     from finetune.training.loop import train
 
     run = tmp_path / "run"

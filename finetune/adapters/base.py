@@ -27,8 +27,6 @@ from torch import nn
 from finetune.config.schema import ALL_LINEAR
 from finetune.errors import UserError
 
-
-
 # --------------------------------------------------------------------------------------------
 # Base-layer helpers
 # --------------------------------------------------------------------------------------------

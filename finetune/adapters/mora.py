@@ -45,8 +45,16 @@ import warnings
 import torch
 from torch import nn
 
-from finetune.adapters.base import (Adapter, AdapterLayer, Restart, _is_bnb, _is_conv1d, find_targets,
-                                    inject, is_quantized)
+from finetune.adapters.base import (
+    Adapter,
+    AdapterLayer,
+    Restart,
+    _is_bnb,
+    _is_conv1d,
+    find_targets,
+    inject,
+    is_quantized,
+)
 from finetune.adapters.fast import mora_forward
 from finetune.config.schema import ALL_LINEAR
 from finetune.errors import UserError

@@ -12,6 +12,7 @@ from typing import Optional
 from finetune.config.schema import DEVICES, DTYPES, LAUNCHERS, LOGGERS, PRECISIONS, SCHEMAS, Init
 from finetune.errors import UserError
 
+
 def unknown_key_message(key: str, schema: Optional[type]) -> str:
     import difflib
     from dataclasses import fields

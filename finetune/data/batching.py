@@ -15,6 +15,7 @@ import torch
 
 from finetune.data.examples import IGNORE
 
+
 class ExampleStream:
     def __init__(self, num_examples: int, seed: int):
         if num_examples <= 0:

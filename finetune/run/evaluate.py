@@ -16,9 +16,9 @@ MODEL_DIR_OVERRIDES = ["model.init=pretrained", "model.gguf_file=null", "model.t
 def evaluate_path(path: str | Path, overrides: list[str] = (), config_dir: str | None = None) -> dict:
     from finetune.config.compose import compose
     from finetune.models.device import device_type
-    from finetune.run.load import load_run
     from finetune.models.load import load_model
     from finetune.models.tokenizer import load_tokenizer
+    from finetune.run.load import load_run
     from finetune.tasks import build_task
 
     path = Path(path).expanduser().resolve()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from finetune.environment import process_alive
 from finetune.errors import UserError
-from finetune.run.directory import CONFIG_FILE, METRICS_FILE, RUN_FILE
+from finetune.run.directory import METRICS_FILE, RUN_FILE
 
 # Folders never searched (besides hidden ones such as .venv and .git, and the inside of a run).
 SKIP_DIRS = {"__pycache__", "node_modules", "site-packages"}

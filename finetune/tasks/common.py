@@ -10,8 +10,8 @@ import numpy as np
 
 from finetune.data.examples import IGNORE
 from finetune.data.packing import fit_to_length, pack
-from finetune.errors import UserError
 from finetune.data.sources import Source
+from finetune.errors import UserError
 
 log = logging.getLogger("finetune")
 

@@ -22,11 +22,10 @@ import sys
 
 import numpy as np
 
-from finetune.data.examples import IGNORE
+from finetune.data.examples import IGNORE, Examples, load_examples
 from finetune.data.packing import segment_positions
-from finetune.errors import UserError
-from finetune.data.examples import Examples, load_examples
 from finetune.data.sources import Source, fingerprint, load_records
+from finetune.errors import UserError
 from finetune.tasks.common import eval_source, first, holdout_split
 
 FORMAT_VERSION = 1
@@ -35,8 +34,9 @@ FORMAT_VERSION = 1
 def python_docs(limit: int | None = None):
     """The built-in corpus: the topics of the Python documentation shipped in ``pydoc_data``
     (the first ``limit``), as records ``{"text"}``."""
-    import datasets
     from pydoc_data.topics import topics
+
+    import datasets
 
     names = sorted(topics)[:limit]
     return datasets.Dataset.from_list([{"text": topics[k].strip()} for k in names])

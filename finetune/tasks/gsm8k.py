@@ -32,10 +32,10 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from finetune.errors import UserError
 from finetune.data.examples import load_examples
 from finetune.data.formatting import alpaca_prompt, completion_row, prompt_ids
 from finetune.data.sources import Source, fingerprint, is_local, load_records, require_fields
+from finetune.errors import UserError
 from finetune.tasks.common import data_source, eval_source, finish, first, holdout_split
 
 FORMAT_VERSION = 1

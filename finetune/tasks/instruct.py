@@ -20,10 +20,10 @@ on ``task.eval_path`` or the last ``task.eval_holdout`` records.
 
 from __future__ import annotations
 
-from finetune.errors import UserError
 from finetune.data.examples import load_examples
 from finetune.data.formatting import alpaca_prompt, chat_row, check_messages, completion_row, plain_chat_row
 from finetune.data.sources import fingerprint, load_records
+from finetune.errors import UserError
 from finetune.tasks.common import data_source, eval_source, finish, first, holdout_split
 
 FORMAT_VERSION = 1

@@ -14,8 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import UserError
-from finetune.run.checkpoints import (CONFIG, DIR, MARKER, META, OPTIMIZER, RNG, STATE, WEIGHTS, is_complete,
-                                      prune, write)
+from finetune.run.checkpoints import (
+    CONFIG,
+    DIR,
+    MARKER,
+    META,
+    OPTIMIZER,
+    RNG,
+    STATE,
+    WEIGHTS,
+    is_complete,
+    prune,
+    write,
+)
 from finetune.training.distributed import gather_objects, on_main
 
 # --------------------------------------------------------------------------------------------

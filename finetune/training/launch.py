@@ -97,8 +97,8 @@ def launch_training(cfg, overrides: list[str], config_dir: str | None = None, qu
     launcher (train here)."""
     import torch
 
-    from finetune.training.resume import RUN_DIR_ENV, decide_output_dir, plan
     from finetune.models.device import device_type, mixed_precision
+    from finetune.training.resume import RUN_DIR_ENV, decide_output_dir, plan
 
     device = device_type(cfg.trainer)
     gpus = torch.cuda.device_count() if device == "cuda" else 0

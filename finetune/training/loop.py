@@ -29,8 +29,13 @@ from finetune import adapters, progress
 from finetune.adapters.base import unfreeze_modules
 from finetune.config.compose import method_settings, to_container
 from finetune.data.batching import ExampleStream, collate, count_loss_tokens
-from finetune.environment import (environment_info, in_launched_process, peak_memory_mb, process_identity,
-                                  reset_peak_memory)
+from finetune.environment import (
+    environment_info,
+    in_launched_process,
+    peak_memory_mb,
+    process_identity,
+    reset_peak_memory,
+)
 from finetune.errors import RunInterrupted, TrainingError, UserError
 from finetune.models.device import base_dtype, device_type, mixed_precision
 from finetune.models.load import count_params, load_model
@@ -45,7 +50,6 @@ from finetune.training.optimizer import make_optimizer
 from finetune.training.resume import Start, abandon, open_run, resume_command
 from finetune.training.schedule import apply_restart, make_scheduler
 from finetune.training.signals import StopSignals
-
 
 # --------------------------------------------------------------------------------------------
 # One accumulation window

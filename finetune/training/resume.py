@@ -33,10 +33,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.run import checkpoints
-from finetune.training.distributed import on_main
 from finetune.errors import RunInterrupted, UserError, first_line
+from finetune.run import checkpoints
 from finetune.run.directory import METRICS_FILE, RunDir, default_output_dir, is_run, write_atomic
+from finetune.training.distributed import on_main
 
 RUN_DIR_ENV = "FINETUNE_RUN_DIR"
 

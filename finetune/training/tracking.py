@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 TENSORBOARD_DIR = "tensorboard"
 DEFAULT_PROJECT = "finetune"
 

@@ -1,8 +1,8 @@
-"""Run by tests/test_launch.py under torchrun (2 CPU processes, gloo): each rank takes its half of one
+"""Run by tests/training/test_launch.py under torchrun (2 CPU processes, gloo): each rank takes its half of one
 accumulation window of variable-length examples, in two micro-batches, through the training loop's
 ``accumulate_gradients`` on a DDP-wrapped model; rank 0 writes the averaged gradients and the loss.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT.safetensors
+    python -m torch.distributed.run --nproc_per_node 2 tests/training/ddp_worker.py OUT.safetensors
 """
 
 import sys

@@ -3,8 +3,8 @@ clear line naming the key."""
 
 import pytest
 
-from finetune.config.schema import SCHEMAS
 from finetune.config.compose import compose, group_options
+from finetune.config.schema import SCHEMAS
 from finetune.errors import UserError
 
 
@@ -111,7 +111,7 @@ def test_configs_are_found_from_an_installed_wheel(tmp_path):
     import zipfile
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     str(root), "-w", str(tmp_path)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("finetune-*.whl"))

@@ -5,10 +5,10 @@ import json
 from fractions import Fraction
 
 import pytest
-
 from conftest import tiny_config
-from finetune.errors import UserError
+
 from finetune.data.formatting import alpaca_prompt
+from finetune.errors import UserError
 from finetune.tasks import build_task
 from finetune.tasks.gsm8k import extract_answer, gold_answer, same_answer, score, split_query, to_number
 

@@ -7,10 +7,10 @@ import json
 import math
 
 import pytest
-
 from conftest import tiny_config
-from finetune.errors import UserError
+
 from finetune.data.formatting import alpaca_prompt, chat_row, check_messages, plain_chat_row
+from finetune.errors import UserError
 from finetune.tasks import build_task
 
 pytestmark = pytest.mark.usefixtures("data_cache")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from finetune.data.batching import collate, count_loss_tokens
-from finetune.data.packing import fit_to_length, pack, pack_rows
-from finetune.errors import UserError
 from finetune.data.examples import Examples, load_examples
-from finetune.models.loss import causal_lm_loss_sum, model_inputs
+from finetune.data.packing import fit_to_length, pack, pack_rows
 from finetune.data.sources import Source, fingerprint, load_records
+from finetune.errors import UserError
+from finetune.models.loss import causal_lm_loss_sum, model_inputs
 
 pytestmark = pytest.mark.usefixtures("data_cache")
 

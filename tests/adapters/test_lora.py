@@ -9,13 +9,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import ids, logits_of
 from torch import nn
 
 from finetune.adapters import load_adapter, save_adapter
 from finetune.adapters.base import ALL_LINEAR
 from finetune.adapters.lora import attach
 from finetune.errors import UserError
-from conftest import ids, logits_of
 
 
 def randomize(adapter, std=0.05, seed=0):
@@ -196,7 +196,7 @@ def test_shapes_and_init(tiny_model):
     x = ids()
     base = logits_of(tiny_model, x)
     adapter = attach(tiny_model, rank=4)
-    for name, layer in adapter.layers.items():
+    for layer in adapter.layers.values():
         k, d = layer.in_features, layer.out_features
         assert tuple(layer.lora_A.shape) == (4, k) and tuple(layer.lora_B.shape) == (d, 4)
         assert (layer.lora_B == 0).all()

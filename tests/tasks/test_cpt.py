@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from finetune.data.examples import Examples
-from finetune.tasks.perplexity import perplexity
 from finetune.tasks import build_task
 from finetune.tasks.cpt import blocks
+from finetune.tasks.perplexity import perplexity
 
 pytestmark = pytest.mark.usefixtures("data_cache")
 

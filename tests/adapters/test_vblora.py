@@ -7,20 +7,27 @@ layers sit in a one-module container so that ``attach`` can register the bank on
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
 import torch
+from conftest import ids, logits_of
 from torch import nn
 
 from finetune.adapters import attach as attach_method
-from finetune.adapters import load_adapter, save_adapter
-from finetune.adapters import lora
-from finetune.adapters.vblora import (BANK_ATTR, VBLoraLayer, attach, check_topk, count_params, decode_topk,
-                                      encode_topk, index_dtype, tkam)
+from finetune.adapters import load_adapter, lora, save_adapter
+from finetune.adapters.vblora import (
+    BANK_ATTR,
+    VBLoraLayer,
+    attach,
+    check_topk,
+    count_params,
+    decode_topk,
+    encode_topk,
+    index_dtype,
+    tkam,
+)
 from finetune.errors import UserError
-from conftest import ids, logits_of
 
 B_LEN = 32  # divides 64, 128 and 384
 
@@ -232,7 +239,7 @@ def test_target_matching(tiny_model):
 def test_shapes(tiny_model):
     adapter = vb(tiny_model, rank=3, num_vectors=50)
     assert tuple(adapter.bank.shape) == (50, B_LEN)
-    for name, layer in adapter.layers.items():
+    for layer in adapter.layers.values():
         k, d = layer.in_features, layer.out_features
         assert tuple(layer.vblora_logits_A.shape) == (3, k // B_LEN, 50)
         assert tuple(layer.vblora_logits_B.shape) == (d // B_LEN, 3, 50)

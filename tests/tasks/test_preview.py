@@ -1,14 +1,13 @@
 """`finetune data`: the training rows with their loss mask, counted as the loss counts them."""
 
 import numpy as np
+from conftest import tiny_config
 from typer.testing import CliRunner
 
-from conftest import tiny_config
 from finetune.cli import app
-from finetune.data.examples import IGNORE
 from finetune.data.batching import collate, count_loss_tokens
+from finetune.data.examples import IGNORE, Examples
 from finetune.data.packing import pack
-from finetune.data.examples import Examples
 from finetune.tasks.preview import render_row, spans, summary
 
 ROWS = [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, IGNORE, 3, 4]},

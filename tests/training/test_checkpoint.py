@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from finetune.errors import RunInterrupted, TrainingError, UserError
 from finetune.run import checkpoints
 from finetune.training import checkpoint
-from finetune.errors import UserError
-from finetune.training.resume import plan
-from finetune.errors import RunInterrupted, TrainingError
 from finetune.training.loop import train
+from finetune.training.resume import plan
 
 FAST = ["task.num_pairs=4", "task.eval_limit=1", "task.max_new_tokens=1", "trainer.batch_size=2",
         "trainer.merge=false", "logger=none"]

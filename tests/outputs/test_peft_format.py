@@ -12,8 +12,10 @@ import copy
 import json
 import warnings
 
+import peft  # the test-only oracle, installed by `make test`
 import pytest
 import torch
+from conftest import ids, logits_of
 from safetensors import safe_open
 
 from finetune.adapters import attach as attach_method
@@ -21,11 +23,17 @@ from finetune.adapters import lora, vblora
 from finetune.adapters.base import ALL_LINEAR, replace_module
 from finetune.adapters.lora import LoraLayer
 from finetune.errors import UserError
-from finetune.outputs.peft_format import (BANK_KEY, CONFIG_FILE, WEIGHTS_FILE, base_module_names, check_payload,
-                             export_peft, export_run, import_peft, peft_payload)
-from conftest import ids, logits_of
-
-import peft  # the test-only oracle, installed by `make test`
+from finetune.outputs.peft_format import (
+    BANK_KEY,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    base_module_names,
+    check_payload,
+    export_peft,
+    export_run,
+    import_peft,
+    peft_payload,
+)
 
 B_LEN = 32
 LORA_FIELDS = {"peft_type", "task_type", "base_model_name_or_path", "inference_mode", "r", "lora_alpha",
@@ -355,9 +363,9 @@ def test_import_rejects_unsupported_configs(tiny_model, tmp_path):
 def test_export_run_of_a_trained_vblora_run(tmp_path):
     """Train VB-LoRA for a few steps (top-k storage), export the run, load it in peft on the base
     that the config names (the run's saved random-init base): logits equal our loaded run's."""
+    from conftest import tiny_config
     from transformers import AutoModelForCausalLM
 
-    from conftest import tiny_config
     from finetune.run.load import load_run
     from finetune.training.loop import train
 
@@ -382,10 +390,10 @@ def test_export_run_of_a_trained_vblora_run(tmp_path):
 def test_cli_exports_a_trained_mora_type1_run_as_lora(tmp_path):
     """`finetune export RUN --out DIR --as-lora` on a trained MoRA type-1 run: peft loads it on the
     run's base and its logits equal our loaded run's; without --as-lora the CLI says how."""
+    from conftest import tiny_config
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
 
-    from conftest import tiny_config
     from finetune.cli import app
     from finetune.run.load import load_run
     from finetune.training.loop import train

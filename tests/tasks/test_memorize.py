@@ -4,6 +4,7 @@ training tokens, and the character-accuracy metric."""
 import re
 
 from conftest import tiny_config
+
 from finetune.tasks import build_task
 from finetune.tasks.memorize import char_accuracy, make_pairs
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from finetune.errors import UserError
 from finetune.outputs.merge import merge_run
 from finetune.run.load import load_run

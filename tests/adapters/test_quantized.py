@@ -23,12 +23,11 @@ Tolerances (why these numbers):
 
 import json
 
+import bitsandbytes  # noqa: F401 (a dependency: fail, never skip, if it is missing)
 import pytest
 import torch
-
-import bitsandbytes  # noqa: F401 (a dependency: fail, never skip, if it is missing)
-
 from conftest import tiny_config  # noqa: E402
+
 from finetune.adapters.base import dense_weight, is_quantized  # noqa: E402
 from finetune.errors import UserError  # noqa: E402
 from finetune.outputs.merge import MARKER, dequantize_model, load_run, merge_run  # noqa: E402
@@ -254,8 +253,9 @@ def test_attach_also_pins_the_4bit_layout_of_models_loaded_elsewhere(tmp_path):
 def test_quantized_base_with_fully_trained_modules_merges(tmp_path):
     """task.train_modules on a quantized base: RUN_DIR/base then holds the bitsandbytes checkpoint
     with the trained norms; the merge dequantizes it (no original weights left: refused clearly)."""
-    from finetune.config.compose import compose
     from safetensors.torch import load_file
+
+    from finetune.config.compose import compose
 
     out = tmp_path / "run"
     cfg = compose(["model=tiny", "method=lora", "task=cpt", "model.quantize=4bit", "task.train_modules=[norm]",

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import OneProcess, tiny_config
 from safetensors.torch import load_file
 
-from conftest import OneProcess, tiny_config
 from finetune import adapters
 from finetune.data.batching import collate
 from finetune.errors import UserError

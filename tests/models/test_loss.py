@@ -7,13 +7,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import OneProcess, tiny_config
 
-from conftest import tiny_config
 from finetune import adapters
 from finetune.errors import UserError
 from finetune.models.loss import ChunkedLinearCrossEntropy, causal_lm_loss_sum, chunked_loss_sum
 from finetune.training.loop import accumulate_gradients
-from conftest import OneProcess
 
 
 def ragged_batch(seed=0, vocab=256):
@@ -57,7 +56,7 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("method", ["lora", "mora", "vblora", "full"])
 def test_chunked_loss_and_gradients_equal_the_plain_ones(tiny_model, method):
-    adapter = adapted(tiny_model, method)
+    adapted(tiny_model, method)
     params = [p for p in tiny_model.parameters() if p.requires_grad]
     assert params
     batch = ragged_batch()

@@ -14,11 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.adapters import load_adapter, save_adapter
 from finetune.adapters import attach as attach_method
+from finetune.adapters import load_adapter, save_adapter
 from finetune.adapters.base import find_targets
-from finetune.adapters.mora import (AUTO_TYPE1_MIN_RANK, MoraLayer, attach, mora_rank, num_blocks,
-                                    operators)
+from finetune.adapters.mora import AUTO_TYPE1_MIN_RANK, MoraLayer, attach, mora_rank, num_blocks, operators
 from finetune.errors import UserError
 from finetune.training.schedule import WarmupDecay, apply_restart
 

@@ -12,7 +12,7 @@ from torch import nn
 from finetune.adapters import fast
 from finetune.adapters.base import AdapterLayer
 from finetune.adapters.lora import LoraLayer
-from finetune.adapters.mora import MoraLayer, mora_rank
+from finetune.adapters.mora import MoraLayer
 
 DT = torch.float64  # compare the two paths free of fp32 rounding: ≤ 1e-10
 
