@@ -75,24 +75,37 @@ def source_dir(cfg) -> str:
     return resolve_path(cfg.path)
 
 
+def architecture(cfg):
+    """The transformers config of a random-init model: ``model.arch`` alone, or the config found
+    at ``model.path`` with ``model.arch`` on top."""
+    from transformers import AutoConfig
+
+    arch = dict(cfg.arch)
+    if not cfg.path:
+        return AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+    path = source_dir(cfg)
+    check_local(path, None)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"model.path={cfg.path}: cannot read a model config ({first_line(e)}); give a local "
+                        "Hugging Face directory or a hub id (network needed)") from None
+    for k, v in arch.items():
+        setattr(config, k, v)
+    return config
+
+
 def load_model(cfg, device_type: str = "cpu", base_dir: str | None = None, dtype: str | None = None,
                save_base: str | os.PathLike | None = None):
     """Build the base model of ``cfg``. ``base_dir`` overrides the weights' location (a run's saved
     random-init base); ``dtype`` overrides ``cfg.dtype``. Random init uses the current torch RNG
     state: seed before calling. ``save_base`` (random init only): write the freshly drawn
     full-precision weights there, before any quantization (a run's ``base/``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch_type = torch_dtype(dtype or cfg.dtype, device_type)
     if cfg.init == "random" and base_dir is None:
-        arch = dict(cfg.arch)
-        if cfg.path:
-            config = AutoConfig.from_pretrained(source_dir(cfg), trust_remote_code=cfg.trust_remote_code)
-            for k, v in arch.items():
-                setattr(config, k, v)
-        else:
-            model_type = arch.pop("model_type", "llama")
-            config = AutoConfig.for_model(model_type, **arch)
+        config = architecture(cfg)
         model = AutoModelForCausalLM.from_config(config, dtype=torch_type if torch_type != "auto" else None)
         if save_base is not None:
             model.save_pretrained(save_base, safe_serialization=True)

@@ -46,7 +46,7 @@ def load_tokenizer(cfg):
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code,
                                             revision=cfg.revision)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
         raise UserError(f"model.tokenizer: cannot load a tokenizer from {name!r} ({first_line(e)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

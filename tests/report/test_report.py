@@ -10,48 +10,14 @@ import subprocess
 import sys
 
 import pytest
+from rundirs import make_run
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.environment import process_identity
-from finetune.errors import UserError
 from finetune.report.plots import DPI, FIGSIZE
 from finetune.report.report import throughput
-from finetune.run.listing import describe, find_runs, run_status
 
 PNG_SIZE = (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
-
-
-def make_run(path, method="lora", rank=8, num_vectors=None, status="finished", value=0.5, steps=3,
-             stored=1000, **info):
-    """A run directory as train.py leaves it: config.yaml, run.json, metrics.jsonl."""
-    path.mkdir(parents=True)
-    method_cfg = {"name": method} if method == "full" else {"name": method, "rank": rank}
-    if num_vectors is not None:
-        method_cfg["num_vectors"] = num_vectors
-    import yaml
-
-    (path / "config.yaml").write_text(yaml.safe_dump({"method": method_cfg, "task": {"name": "memorize"},
-                                                      "trainer": {"max_steps": steps}}))
-    records = [{"step": s, "loss": 3.0 / s, "lr": 1e-3, "tokens_per_s": 100.0, "tokens": 50 * s,
-                "time": 1000.0 + s} for s in range(1, steps + 1)]
-    run = {"status": status, "method": method, "task": "memorize", "model": "tiny",
-           "created": "2026-01-01T00:00:00", **info}
-    if status == "finished":
-        records.append({"step": steps, "eval": {"char_acc": value}})
-        run.update(steps=steps, final_loss=records[steps - 1]["loss"], metric="char_acc",
-                   metrics={"char_acc": value}, peak_memory_mb=400.0, wall_time_s=12.5,
-                   params={"trainable_params": stored, "stored_params": stored})
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (path / "run.json").write_text(json.dumps(run))
-    return path
-
-
-def make_checkpoint(run_dir, step):
-    ckpt = run_dir / "checkpoints" / f"step-{step}"
-    ckpt.mkdir(parents=True)
-    (ckpt / "state.json").write_text(json.dumps({"step": step}))
-    (ckpt / "COMPLETE").write_text(json.dumps({"step": step, "files": {"state.json": (ckpt / "state.json").stat().st_size}}))
 
 
 @pytest.fixture
@@ -77,39 +43,6 @@ def png_size(path):
         image.verify()
     with Image.open(path) as image:
         return image.size
-
-
-def test_runs_are_found_in_natural_order_and_not_inside_runs(sweep, tmp_path):
-    (sweep / "0_lora_r2" / "merged").mkdir()
-    (sweep / "0_lora_r2" / "merged" / "run.json").write_text("{}")  # never looked at
-    hidden = make_run(tmp_path / "sweep" / ".trash" / "x")
-    runs = find_runs([tmp_path])
-    names = [p.name for p in runs]
-    assert names == ["0_lora_r2", "1_lora_r8", "2_mora_r2", "3_vblora_h64", "4_vblora_h256", "5_full",
-                     "10_mora_r8"]
-    assert hidden not in runs
-    assert find_runs([sweep / "1_lora_r8"]) == [(sweep / "1_lora_r8").resolve()]
-    with pytest.raises(UserError, match="no such directory"):
-        find_runs([tmp_path / "nope"])
-
-
-def test_status_running_stale_resumable_failed(tmp_path):
-    live = make_run(tmp_path / "live", status="running", **process_identity())
-    assert run_status(live, json.loads((live / "run.json").read_text())) == "running"
-    dead = make_run(tmp_path / "dead", status="running", pid=2**22 + 12345, host=os.uname().nodename)
-    assert run_status(dead, json.loads((dead / "run.json").read_text())) == "stale"
-    reused = make_run(tmp_path / "reused", status="running", **{**process_identity(), "pid_start": "1"})
-    assert run_status(reused, json.loads((reused / "run.json").read_text())) == "stale"
-    elsewhere = make_run(tmp_path / "elsewhere", status="running", pid=1, host="another-host")
-    assert run_status(elsewhere, json.loads((elsewhere / "run.json").read_text())) == "running"
-    make_checkpoint(dead, 2)
-    assert run_status(dead, json.loads((dead / "run.json").read_text())) == "resumable"
-    failed = make_run(tmp_path / "failed", status="failed", error="loss became nan")
-    assert run_status(failed, json.loads((failed / "run.json").read_text())) == "failed"
-    (tmp_path / "failed" / "checkpoints" / "step-1").mkdir(parents=True)  # no marker: incomplete
-    assert run_status(failed, json.loads((failed / "run.json").read_text())) == "failed"
-    record = describe(dead)
-    assert record["last_checkpoint"] == 2 and record["step"] == 3 and record["max_steps"] == 3
 
 
 def test_throughput_uses_the_time_between_logged_steps():
