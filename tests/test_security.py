@@ -112,9 +112,9 @@ def test_a_package_path_names_one_package_and_imports_nothing():
 
 
 def test_a_run_writes_no_pickle_files(tmp_path):
-    from conftest import tiny_config
-
     from finetune.training.loop import train
+
+    from conftest import tiny_config
 
     run = tmp_path / "run"
     train(tiny_config("task.num_pairs=2", "task.eval_limit=1", "task.max_new_tokens=1", "trainer.max_steps=2",

@@ -9,13 +9,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import ids, logits_of
 from torch import nn
 
 from finetune.adapters import load_adapter, save_adapter
 from finetune.adapters.base import ALL_LINEAR
 from finetune.adapters.lora import attach
 from finetune.errors import UserError
+
+from conftest import ids, logits_of
 
 
 def randomize(adapter, std=0.05, seed=0):

@@ -26,12 +26,13 @@ import json
 import bitsandbytes  # noqa: F401 (a dependency: fail, never skip, if it is missing)
 import pytest
 import torch
-from conftest import tiny_config  # noqa: E402
 
 from finetune.adapters.base import dense_weight, is_quantized  # noqa: E402
 from finetune.errors import UserError  # noqa: E402
 from finetune.outputs.merge import MARKER, dequantize_model, load_run, merge_run  # noqa: E402
 from finetune.training.loop import train  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
 
 METHODS = {
     "lora": [],

@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import ids, logits_of
 from torch import nn
 
 from finetune.adapters import attach as attach_method
@@ -28,6 +27,8 @@ from finetune.adapters.vblora import (
     tkam,
 )
 from finetune.errors import UserError
+
+from conftest import ids, logits_of
 
 B_LEN = 32  # divides 64, 128 and 384
 

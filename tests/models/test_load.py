@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
 from omegaconf import OmegaConf
 
 from finetune.errors import UserError
 from finetune.models.load import count_params, load_model
 from finetune.models.paths import check_local, resolve_path
 from finetune.models.tokenizer import load_tokenizer
+
+from conftest import tiny_config
 
 
 def model_cfg(**values):

@@ -7,12 +7,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import OneProcess, tiny_config
 
 from finetune import adapters
 from finetune.errors import UserError
 from finetune.models.loss import ChunkedLinearCrossEntropy, causal_lm_loss_sum, chunked_loss_sum
 from finetune.training.loop import accumulate_gradients
+
+from conftest import OneProcess, tiny_config
 
 
 def ragged_batch(seed=0, vocab=256):

@@ -10,12 +10,13 @@ import subprocess
 import sys
 
 import pytest
-from rundirs import make_run
 from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.report.plots import DPI, FIGSIZE
 from finetune.report.report import throughput
+
+from rundirs import make_run
 
 PNG_SIZE = (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
 

@@ -5,11 +5,12 @@ import json
 import os
 
 import pytest
-from rundirs import make_checkpoint, make_run
 
 from finetune.environment import process_identity
 from finetune.errors import UserError
 from finetune.run.listing import describe, find_runs, last_logged_step, read_config, run_status, runs_table
+
+from rundirs import make_checkpoint, make_run
 
 
 @pytest.fixture

@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from finetune.data.examples import Examples
 from finetune.tasks import build_task
 from finetune.tasks.cpt import blocks
 from finetune.tasks.perplexity import perplexity
+
+from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("data_cache")
 

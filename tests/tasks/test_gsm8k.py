@@ -5,12 +5,13 @@ import json
 from fractions import Fraction
 
 import pytest
-from conftest import tiny_config
 
 from finetune.data.formatting import alpaca_prompt
 from finetune.errors import UserError
 from finetune.tasks import build_task
 from finetune.tasks.gsm8k import extract_answer, gold_answer, same_answer, score, split_query, to_number
+
+from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("data_cache")
 

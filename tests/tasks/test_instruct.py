@@ -7,11 +7,12 @@ import json
 import math
 
 import pytest
-from conftest import tiny_config
 
 from finetune.data.formatting import alpaca_prompt, chat_row, check_messages, plain_chat_row
 from finetune.errors import UserError
 from finetune.tasks import build_task
+
+from conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("data_cache")
 

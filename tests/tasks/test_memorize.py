@@ -3,10 +3,10 @@ training tokens, and the character-accuracy metric."""
 
 import re
 
-from conftest import tiny_config
-
 from finetune.tasks import build_task
 from finetune.tasks.memorize import char_accuracy, make_pairs
+
+from conftest import tiny_config
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 

@@ -1,7 +1,6 @@
 """`finetune data`: the training rows with their loss mask, counted as the loss counts them."""
 
 import numpy as np
-from conftest import tiny_config
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -9,6 +8,8 @@ from finetune.data.batching import collate, count_loss_tokens
 from finetune.data.examples import IGNORE, Examples
 from finetune.data.packing import pack
 from finetune.tasks.preview import render_row, spans, summary
+
+from conftest import tiny_config
 
 ROWS = [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, IGNORE, 3, 4]},
         {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import load_file
 
 from finetune.errors import RunInterrupted, TrainingError, UserError
@@ -19,6 +18,8 @@ from finetune.run import checkpoints
 from finetune.training import checkpoint
 from finetune.training.loop import train
 from finetune.training.resume import plan
+
+from conftest import tiny_config
 
 FAST = ["task.num_pairs=4", "task.eval_limit=1", "task.max_new_tokens=1", "trainer.batch_size=2",
         "trainer.merge=false", "logger=none"]

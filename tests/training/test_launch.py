@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OneProcess, tiny_config
 from safetensors.torch import load_file
 
 from finetune.config.compose import compose
 from finetune.errors import UserError
 from finetune.training.launch import accelerate_args, child_args, plan_processes
 from finetune.training.loop import accumulate_gradients, train
+
+from conftest import OneProcess, tiny_config
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parents[1]

@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
-from conftest import OneProcess, tiny_config
 from safetensors.torch import load_file
 
 from finetune import adapters
 from finetune.data.batching import collate
 from finetune.errors import UserError
 from finetune.training.loop import accumulate_gradients, train
+
+from conftest import OneProcess, tiny_config
 
 
 def run_tiny(tmp_path, *overrides, name="run"):

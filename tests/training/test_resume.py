@@ -9,7 +9,6 @@ import signal
 import pytest
 import torch
 
-from conftest import tiny_config
 from finetune.config.compose import to_yaml
 from finetune.environment import process_identity
 from finetune.errors import RunInterrupted, TrainingError, UserError
@@ -17,6 +16,8 @@ from finetune.run import checkpoints
 from finetune.run.directory import RunDir
 from finetune.training.checkpoint import checkpoint_files, rng_state
 from finetune.training.resume import Start, abandon, begin, decide_output_dir, find_checkpoint, plan, resume_command
+
+from conftest import tiny_config
 
 BASE = ["trainer.max_steps=10", "trainer.batch_size=2"]
 
