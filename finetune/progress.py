@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from finetune.environment import is_main_process
+
 _quiet = False
 _saved_env: dict = {}  # the user's own values of the switches we set
 
@@ -78,8 +80,6 @@ def quiet_if(quiet: bool):
 def bar(total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False, **kwargs):
     """A tqdm bar (with ETA) on stderr, off when quiet, on non-main processes, or ``disable``."""
     from tqdm.auto import tqdm
-
-    from finetune.environment import is_main_process
 
     off = disable or _quiet or not is_main_process()
     return tqdm(total=total, desc=desc, unit=unit, disable=off, dynamic_ncols=True, **kwargs)

@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from finetune.environment import cache_dir
+
 FIELDS = ("input_ids", "labels", "position_ids")
 IGNORE = -100  # the label of a token that carries no loss (prompts, padding)
 META_FILE = "meta.json"
@@ -125,8 +127,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cached(key: dict, build: Callable[[], Examples]) -> Examples:
     """``build()``'s examples, stored once under ``FINETUNE_CACHE/data/<hash of key>``. The
     directory appears atomically (written aside, then renamed), so concurrent runs are safe."""
-    from finetune.environment import cache_dir
-
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
     target = cache_dir() / "data" / digest
     if (target / META_FILE).is_file():

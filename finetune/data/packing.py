@@ -4,7 +4,7 @@ ids that restart per example so that packed examples never attend to each other.
 
 from __future__ import annotations
 
-from finetune.data.examples import IGNORE
+from finetune.data.examples import IGNORE, Examples
 from finetune.errors import UserError
 
 
@@ -84,8 +84,6 @@ def pack(examples, capacity: int):
     label of each example's first token becomes -100, since nothing predicts it unpacked either.
     Rows are ordered by the packing; the training stream shuffles them."""
     import numpy as np
-
-    from finetune.data.examples import Examples
 
     examples = examples.select(np.flatnonzero(examples.lengths() > 0))
     groups = pack_rows(examples.lengths(), capacity)

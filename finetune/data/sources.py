@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.environment import cache_dir
 from finetune.errors import UserError, first_line
 
 KINDS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".md": "text"}
@@ -105,8 +106,6 @@ def require_fields(present, fields, where: str) -> None:
 
 def _load_local(src: Source, fields, num_proc):
     import datasets
-
-    from finetune.environment import cache_dir
 
     files = [f for f in local_files(src) if f.stat().st_size > 0]  # empty files hold no records
     if not files:

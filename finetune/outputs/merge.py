@@ -24,6 +24,8 @@ from finetune import progress
 from finetune.errors import UserError
 from finetune.run.directory import RunDir
 from finetune.run.load import load_run, quantized_base
+from finetune.adapters.base import dense_weight, is_quantized, replace_module
+from finetune.outputs.streaming import save_merged
 
 MARKER = "finetune_merge.json"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -35,8 +37,6 @@ def dequantize_model(model) -> int:
     quantized forward multiplies by) and its bias; drop the model's quantizer. Returns the count."""
     import torch
     from torch import nn
-
-    from finetune.adapters.base import dense_weight, is_quantized, replace_module
 
     names = [name for name, module in model.named_modules() if is_quantized(module)]
     for name in names:
@@ -119,8 +119,6 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     model.config.use_cache = True
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    from finetune.outputs.streaming import save_merged
-
     save_merged(model, adapter, tmp, dtype)
     tokenizer.save_pretrained(tmp)
     marker = {"run": str(run.path), "method": adapter.method, "dtype": dtype, "base_quantized": quant,

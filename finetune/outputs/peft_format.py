@@ -43,6 +43,21 @@ from pathlib import Path
 import torch
 
 from finetune.errors import UserError
+from finetune.adapters import lora, vblora
+from finetune.adapters.base import AdapterLayer
+from finetune.adapters.base import replace_module
+from finetune.adapters.lora import LoraLayer
+from finetune.adapters.mora import operators
+from finetune.adapters.vblora import BANK_ATTR
+from finetune.adapters.vblora import check_topk
+from finetune.adapters.vblora import decode_topk
+from finetune.adapters.vblora import factors_from_logits
+from finetune.models.load import source_dir
+from finetune.models.paths import is_local
+from finetune.run.directory import CONFIG_FILE as RUN_CONFIG
+from finetune.run.directory import RunDir
+from finetune.run.directory import read_config
+from finetune.run.load import load_run
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -77,8 +92,6 @@ def pattern_key(patterns, name: str) -> str | None:
 def base_module_names(model: torch.nn.Module) -> list[str]:
     """Module names of ``model`` as peft sees the plain HF model: without the root and without the
     children of our adapter wrappers (``…q_proj.base_layer``, ``…q_proj.dropout``)."""
-    from finetune.adapters.base import AdapterLayer
-
     names, wrappers = [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(w + ".") for w in wrappers):
@@ -128,8 +141,6 @@ def _fan_in_fan_out(adapter) -> bool:
 
 
 def _check_plain(adapter) -> None:
-    from finetune.adapters.base import AdapterLayer
-
     for name, layer in adapter.layers.items():
         if isinstance(layer.base_layer, AdapterLayer):
             raise UserError(f"cannot export to peft: {name} carries stacked adapters")
@@ -166,8 +177,6 @@ def _lora_factors(layer, method: str) -> tuple[torch.Tensor, torch.Tensor]:
         return layer.lora_A, layer.lora_B
     if method == "vblora":
         return layer.factors()
-    from finetune.adapters.mora import operators
-
     T, C = operators(layer.in_features, layer.out_features, layer.r_hat, layer.mora_type, torch.float64)
     return (layer.mora_M.detach().cpu().double() @ C).to(layer.mora_M.dtype), T.to(layer.mora_M.dtype)
 
@@ -214,8 +223,6 @@ def vblora_payload(adapter, base_model_name_or_path=None, target_modules=None, s
                    ) -> tuple[dict, dict]:
     """(adapter_config, tensors) for a VB-LoRA adapter (§5.3); ``save_only_topk`` defaults to the
     adapter's setting."""
-    from finetune.adapters.vblora import BANK_ATTR
-
     s = adapter.settings
     only_topk = bool(s.get("save_only_topk")) if save_only_topk is None else bool(save_only_topk)
     if target_modules is None:
@@ -306,8 +313,6 @@ def check_payload(config: dict, tensors: dict[str, torch.Tensor], shapes: dict[s
                   all_names: list[str]) -> None:
     """Self-checks 1–3 of §5.5 for ``config`` and ``tensors`` against the adapted modules ``shapes``
     (name → (k, d)) of a model whose module names are ``all_names``. Raises a UserError."""
-    from finetune.adapters.vblora import check_topk
-
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "VBLORA"):
         raise UserError(f"peft export: peft_type {peft_type!r} is not LORA or VBLORA")
@@ -377,8 +382,6 @@ def read_peft(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _vblora_logits(got: dict[str, torch.Tensor], t: str, h: int) -> torch.Tensor:
-    from finetune.adapters.vblora import decode_topk
-
     if t in got:
         return got[t].float()
     return decode_topk(got[t + "_topk_indices"], got[t + "_topk_weights"], h)
@@ -388,7 +391,6 @@ def _vblora_logits(got: dict[str, torch.Tensor], t: str, h: int) -> torch.Tensor
 def peft_delta_weights(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ΔW in the (d, k) layout, fp32, for every module of a peft LoRA or VB-LoRA payload — computed
     from the files alone, the way peft computes it."""
-    from finetune.adapters.vblora import factors_from_logits
 
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -477,10 +479,6 @@ def run_base_name(cfg, run_path: Path) -> str | None:
     """``base_model_name_or_path`` for a run: the hub id as configured, else the absolute local
     directory holding HF weights (a ``pkg:`` model resolved, a GGUF model's converted cache, a
     random-init run's ``base/``)."""
-    from finetune.models.paths import is_local
-    from finetune.models.load import source_dir
-    from finetune.run.directory import RunDir
-
     run = RunDir(run_path)
     if run.base.is_dir():
         return str(run.base.resolve())
@@ -494,10 +492,6 @@ def export_run(run_dir: str | Path, format: str = "peft", out: str | Path | None
                as_lora: bool = False) -> Path:
     """``finetune export RUN_DIR --format peft --out DIR``: load the run's base with its trained
     adapter and write it with :func:`export_peft` (base name from :func:`run_base_name`)."""
-    from finetune.run.directory import CONFIG_FILE as RUN_CONFIG
-    from finetune.run.directory import read_config
-    from finetune.run.load import load_run
-
     if format not in FORMATS:
         raise UserError(f"--format {format}: allowed: {', '.join(FORMATS)}")
     if out is None:
@@ -538,8 +532,6 @@ def _check_import_config(config: dict, directory) -> None:
 def import_peft(model: torch.nn.Module, directory: str | Path):
     """Attach the LoRA or VB-LoRA adapter saved in the peft directory ``directory`` to ``model``
     (the plain HF model it was trained on) using our implementation; returns the adapter."""
-    from finetune.adapters import lora, vblora
-
     config, tensors = read_peft(directory)
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "VBLORA"):
@@ -588,9 +580,6 @@ def import_peft(model: torch.nn.Module, directory: str | Path):
 
 def _apply_lora_patterns(adapter, config: dict, rslora: bool, dropout: float, init: str) -> None:
     """Re-create the layers whose rank or alpha a ``rank_pattern`` / ``alpha_pattern`` overrides."""
-    from finetune.adapters.base import replace_module
-    from finetune.adapters.lora import LoraLayer
-
     rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     if not rp and not ap:
         return

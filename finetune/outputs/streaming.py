@@ -24,6 +24,7 @@ import struct
 from pathlib import Path
 
 import torch
+from finetune.adapters.base import replace_module
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -112,8 +113,6 @@ def save_merged(model, adapter, directory: str | Path, dtype: str | torch.dtype 
     Face model directory; afterwards the model is plain (the adapter unwrapped, as after
     ``adapter.merge(); adapter.unwrap()``, but its weights stay unmerged in memory). Returns
     ``"streamed"``, or ``"save_pretrained"`` when the model needs the in-place fallback."""
-    from finetune.adapters.base import replace_module
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

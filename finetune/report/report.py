@@ -13,6 +13,7 @@ import io
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.report.table import markdown_table
 from finetune.run.listing import find_runs, read_config, read_info, read_metrics, run_status
 
 # (CSV field, table header, formatter); the order of the columns everywhere.
@@ -138,8 +139,6 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict], plots: list[Path], out: Path) -> str:
-    from finetune.report.table import markdown_table
-
     lines = ["# Run report", "", markdown_table(*table(rows)), ""]
     for plot in plots:
         lines += [f"![{plot.stem}]({plot.relative_to(out)})", ""]

@@ -25,7 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.config.compose import compose, group_options
 from finetune.errors import RunInterrupted, TrainingError, UserError, first_line
+from finetune.report.table import text_table
 from finetune.run.directory import is_run, read_run, write_atomic
 
 SWEEP_FILE = "sweep.json"
@@ -46,8 +48,6 @@ class _GroupOptions:
         self.config_dir = config_dir
 
     def get_group_options(self, group_name, results_filter=None, config_name=None, overrides=None):
-        from finetune.config.compose import group_options
-
         if group_name not in GROUPS:
             raise UserError(f"{group_name}=glob(...): glob sweeps work on the groups {', '.join(GROUPS)}")
         return group_options(group_name, self.config_dir)
@@ -160,8 +160,6 @@ def sweep_root(choices_by_key: dict[str, list[str]]) -> Path:
 
 def plan(overrides: list[str], config_dir: str | None = None) -> tuple[Path, list[dict]]:
     """The sweep directory and one entry per run: index, overrides, run_dir, composed config."""
-    from finetune.config.compose import compose
-
     by_key = choices(overrides, config_dir)
     root = sweep_root(by_key)
     by_key.pop("output_dir", None)
@@ -311,8 +309,6 @@ def _sweep_step(position: str, entry: dict, config_dir: str | None, quiet: bool,
 
 def summary_text(summary: dict) -> str:
     """The sweep's closing table: one row per run with its status, metric and time."""
-    from finetune.report.table import text_table
-
     rows = []
     for r in summary["runs"]:
         value = r.get("value")

@@ -6,21 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune.config.compose import compose
 from finetune.errors import UserError
+from finetune.models.device import device_type
+from finetune.models.load import load_model
+from finetune.models.tokenizer import load_tokenizer
 from finetune.run.directory import is_run, read_run, write_atomic
+from finetune.run.load import load_run
+from finetune.tasks import build_task
 
 MODEL_DIR_OVERRIDES = ["model.init=pretrained", "model.gguf_file=null", "model.tokenizer=null",
                        "model.arch={}", "model.name=custom"]
 
 
 def evaluate_path(path: str | Path, overrides: list[str] = (), config_dir: str | None = None) -> dict:
-    from finetune.config.compose import compose
-    from finetune.models.device import device_type
-    from finetune.models.load import load_model
-    from finetune.models.tokenizer import load_tokenizer
-    from finetune.run.load import load_run
-    from finetune.tasks import build_task
-
     path = Path(path).expanduser().resolve()
     if is_run(path):
         info = read_run(path)

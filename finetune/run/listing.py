@@ -20,6 +20,8 @@ from pathlib import Path
 
 from finetune.environment import process_alive
 from finetune.errors import UserError
+from finetune.run import directory
+from finetune.run.checkpoints import complete_checkpoints, step_number
 from finetune.run.directory import METRICS_FILE, RUN_FILE
 
 # Folders never searched (besides hidden ones such as .venv and .git, and the inside of a run).
@@ -66,8 +68,6 @@ def read_info(run_dir: Path) -> dict:
 def read_config(run_dir: Path) -> dict:
     """The resolved config.yaml as plain data ({} when missing or unreadable)."""
     from omegaconf import OmegaConf
-
-    from finetune.run import directory
 
     try:
         return OmegaConf.to_container(directory.read_config(run_dir)) or {}
@@ -116,8 +116,6 @@ def last_logged_step(run_dir: Path) -> int | None:
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """Steps of the run's complete checkpoints (``checkpoints/step-N`` with a valid marker)."""
-    from finetune.run.checkpoints import complete_checkpoints, step_number
-
     return [step_number(p) for p in complete_checkpoints(run_dir)]
 
 

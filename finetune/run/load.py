@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune import adapters
+from finetune.adapters.base import is_quantized
 from finetune.errors import UserError
+from finetune.models.load import load_model
+from finetune.models.tokenizer import load_tokenizer
 from finetune.run.directory import RunDir, read_run
 
 
@@ -20,11 +24,6 @@ def load_run(run_dir: str | Path, device: str = "cpu", original_base: bool = Fal
     A quantized-base run loads its base quantized exactly as in training (bitsandbytes layers, the
     training dtype for the rest), unless ``original_base``: then the full-precision weights, without
     quantization (a UserError if the checkpoint itself is quantized)."""
-    from finetune import adapters
-    from finetune.adapters.base import is_quantized
-    from finetune.models.load import load_model
-    from finetune.models.tokenizer import load_tokenizer
-
     run = RunDir(run_dir)
     info = read_run(run.path)
     if not (run.path / adapters.WEIGHTS_FILE).is_file():

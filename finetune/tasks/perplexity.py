@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from finetune import progress
 from finetune.data.batching import collate, count_loss_tokens
 from finetune.models.loss import causal_lm_loss_sum
 
@@ -16,8 +17,6 @@ def perplexity(model, examples, pad_id: int, device, batch_size: int = 8) -> dic
     """``{"perplexity", "loss", "tokens", "n"}`` of ``model`` on ``examples`` (a sequence of
     ``{"input_ids", "labels"[, "position_ids"]}``). Batches group examples of similar length; the
     sum over tokens does not depend on the batching."""
-    from finetune import progress
-
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total, tokens = 0.0, 0
     bar = progress.bar(total=len(order), desc="eval", unit="example", leave=False)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from finetune.data.examples import IGNORE
+from finetune.data.examples import IGNORE, Examples
+from finetune.errors import UserError
+from finetune.models.tokenizer import load_tokenizer
+from finetune.tasks import build_task
 
 LEGEND = "+ tokens with loss (the model learns to predict them) · - context only (no loss)"
 
 
 def _arrays(examples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row offsets, labels, example starts) of all rows as flat arrays."""
-    from finetune.data.examples import Examples
-
     if not isinstance(examples, Examples):
         examples = Examples.from_rows(examples)
     labels = np.asarray(examples.arrays["labels"])
@@ -93,10 +94,6 @@ def render(cfg, tokenizer, examples, rows: int) -> str:
 
 def preview(cfg, rows: int = 3) -> str:
     """The summary and the first ``rows`` training rows of ``cfg``'s task, as text."""
-    from finetune.errors import UserError
-    from finetune.models.tokenizer import load_tokenizer
-    from finetune.tasks import build_task
-
     if rows < 0:
         raise UserError(f"--rows {rows}: must be 0 or more")
     tokenizer = load_tokenizer(cfg.model)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.config.compose import to_yaml
 from finetune.errors import UserError
 from finetune.run.checkpoints import (
     CONFIG,
@@ -195,8 +196,6 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, cfg, accelerator, model, adapter, optimizer, scheduler,
                  last: Path | None = None):
-        from finetune.config.compose import to_yaml
-
         self.root = Path(run_dir) / DIR
         self.keep = int(cfg.trainer.keep_checkpoints)
         self.config_yaml = to_yaml(cfg)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from finetune.environment import in_launched_process
 from finetune.errors import UserError
+from finetune.models.device import device_type, mixed_precision
+from finetune.training.resume import RUN_DIR_ENV, decide_output_dir, plan
 
 ACCELERATE_CONFIGS = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "deepspeed": "deepspeed-zero3.yaml"}
 MULTI_NODE_PORT = 29500
@@ -96,9 +98,6 @@ def launch_training(cfg, overrides: list[str], config_dir: str | None = None, qu
     (that of the first process that failed, else 0). None: one process in all, which needs no
     launcher (train here)."""
     import torch
-
-    from finetune.models.device import device_type, mixed_precision
-    from finetune.training.resume import RUN_DIR_ENV, decide_output_dir, plan
 
     device = device_type(cfg.trainer)
     gpus = torch.cuda.device_count() if device == "cuda" else 0

@@ -41,6 +41,7 @@ from finetune.models.device import base_dtype, device_type, mixed_precision
 from finetune.models.load import count_params, load_model
 from finetune.models.loss import causal_lm_loss_sum
 from finetune.models.tokenizer import load_tokenizer
+from finetune.outputs.merge import merge_run
 from finetune.run.directory import RunDir
 from finetune.tasks import build_task
 from finetune.training import checkpoint, tracking
@@ -285,8 +286,6 @@ def finish(s: Session) -> dict:
         s.say(f"{s.task.metric} = {metrics[s.task.metric]:.4f}  ({_fmt(metrics)})")
         s.say(f"run directory: {s.run.path}")
         if t.merge:
-            from finetune.outputs.merge import merge_run
-
             out = merge_run(s.run.path, quiet=s.quiet)
             summary["merged"] = str(out)
             s.say(f"merged model:  {out}")

@@ -33,6 +33,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.config.compose import flatten, to_container, to_yaml
+from finetune.environment import in_launched_process, process_alive
 from finetune.errors import RunInterrupted, UserError, first_line
 from finetune.run import checkpoints
 from finetune.run.directory import METRICS_FILE, RunDir, default_output_dir, is_run, write_atomic
@@ -95,8 +97,6 @@ def checkpoint_run(ckpt: Path) -> Path | None:
 
 def decide_output_dir(cfg) -> Path:
     """Main process only: see the module docstring."""
-    from finetune.environment import in_launched_process
-
     chosen = os.environ.get(RUN_DIR_ENV) if in_launched_process() else None
     chosen = chosen or cfg.output_dir
     resume = cfg.trainer.resume
@@ -142,8 +142,6 @@ def plan(cfg, run_dir: Path, num_processes: int) -> Start:
 
 
 def _refuse_if_in_use(path: Path, info: dict) -> None:
-    from finetune.environment import process_alive
-
     if info.get("pid") != os.getpid() and process_alive(info):
         raise UserError(f"output_dir={path} is being trained right now (pid {info.get('pid')} on "
                         f"{info.get('host')}); wait for it, stop it, or choose another output_dir")
@@ -157,8 +155,6 @@ def _refuse_if_in_use(path: Path, info: dict) -> None:
 def check_drift(cfg, ckpt: Path, num_processes: int) -> tuple[int, list[str]]:
     """(checkpoint step, warnings); raises UserError when the checkpoint belongs to another run."""
     from omegaconf import OmegaConf
-
-    from finetune.config.compose import flatten, to_container
 
     state = json.loads((ckpt / checkpoints.STATE).read_text())
     step = int(state["step"])
@@ -196,8 +192,6 @@ def check_drift(cfg, ckpt: Path, num_processes: int) -> tuple[int, list[str]]:
 
 def begin(start: Start, cfg, overrides: list[str], **info) -> None:
     """Main process: write the run directory for ``start``."""
-    from finetune.config.compose import to_yaml
-
     run = start.run
     extra = {"resumed_from": start.checkpoint} if start.checkpoint else {}
     if start.mode == "continue":

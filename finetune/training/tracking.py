@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from finetune.config.compose import flatten, to_container
+
 TENSORBOARD_DIR = "tensorboard"
 DEFAULT_PROJECT = "finetune"
 
@@ -36,8 +38,6 @@ def log_with(cfg, run_path: Path) -> list | None:
 def flat_hparams(cfg) -> dict:
     """The resolved config as flat ``section.key`` scalars (TensorBoard's hparams accept no lists
     or nulls: those become strings)."""
-    from finetune.config.compose import flatten, to_container
-
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
             for k, v in flatten(to_container(cfg)).items()}
 
@@ -46,8 +46,6 @@ def start(accelerator, cfg, run_path: Path) -> None:
     """Start the trackers (main process only) with the run's config as hyperparameters."""
     if not accelerator.log_with:
         return
-    from finetune.config.compose import to_container
-
     wandb = {"name": Path(run_path).name, "dir": str(run_path), "config": to_container(cfg),
              "tags": [cfg.method.name, cfg.task.name, cfg.model.name]}
     accelerator.init_trackers(os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), config=flat_hparams(cfg),

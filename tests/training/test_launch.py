@@ -74,9 +74,10 @@ def test_two_ranks_with_unequal_lengths_give_the_one_process_gradient(tmp_path):
     import ddp_worker
 
     out = tmp_path / "grads.safetensors"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(_free_port()), str(TESTS / "ddp_worker.py"), str(out)],
-                   env=env(), cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(TESTS / "ddp_worker.py"), str(out)],  # --standalone: torchrun picks a free port
+                          env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     two = load_file(str(out))
     model, adapter = ddp_worker.model_and_adapter()
     from finetune.data.batching import collate
@@ -87,11 +88,6 @@ def test_two_ranks_with_unequal_lengths_give_the_one_process_gradient(tmp_path):
     for name, p in adapter.named_trainable():
         torch.testing.assert_close(two[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
-
-def _free_port():
-    from finetune.training.launch import free_port
-
-    return free_port()
 
 
 # --------------------------------------------------------------------------------------------
