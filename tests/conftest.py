@@ -83,3 +83,19 @@ class OneProcess:
 
     def backward(self, loss):
         loss.backward()
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Six finished runs: LoRA and MoRA at ranks 2 and 8, VB-LoRA at two bank sizes, and full."""
+    from rundirs import make_run
+
+    root = tmp_path / "sweep"
+    make_run(root / "0_lora_r2", "lora", 2, value=0.2, stored=2000)
+    make_run(root / "1_lora_r8", "lora", 8, value=0.4, stored=8000)
+    make_run(root / "2_mora_r2", "mora", 2, value=0.3, stored=2000)
+    make_run(root / "10_mora_r8", "mora", 8, value=0.6, stored=8000)
+    make_run(root / "3_vblora_h64", "vblora", 4, num_vectors=64, value=0.25, stored=900)
+    make_run(root / "4_vblora_h256", "vblora", 4, num_vectors=256, value=0.35, stored=1500)
+    make_run(root / "5_full", "full", value=0.9, stored=100000)
+    return root

@@ -3,8 +3,6 @@ listing, reporting and resuming."""
 
 import json
 
-import pytest
-
 
 def make_run(path, method="lora", rank=8, num_vectors=None, status="finished", value=0.5, steps=3,
              stored=1000, **info):
@@ -36,17 +34,3 @@ def make_checkpoint(run_dir, step):
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text(json.dumps({"step": step}))
     (ckpt / "COMPLETE").write_text(json.dumps({"step": step, "files": {"state.json": (ckpt / "state.json").stat().st_size}}))
-
-
-@pytest.fixture
-def sweep(tmp_path):
-    """Six finished runs: LoRA and MoRA at ranks 2 and 8, VB-LoRA at two bank sizes, and full."""
-    root = tmp_path / "sweep"
-    make_run(root / "0_lora_r2", "lora", 2, value=0.2, stored=2000)
-    make_run(root / "1_lora_r8", "lora", 8, value=0.4, stored=8000)
-    make_run(root / "2_mora_r2", "mora", 2, value=0.3, stored=2000)
-    make_run(root / "10_mora_r8", "mora", 8, value=0.6, stored=8000)
-    make_run(root / "3_vblora_h64", "vblora", 4, num_vectors=64, value=0.25, stored=900)
-    make_run(root / "4_vblora_h256", "vblora", 4, num_vectors=256, value=0.35, stored=1500)
-    make_run(root / "5_full", "full", value=0.9, stored=100000)
-    return root

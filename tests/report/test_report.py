@@ -16,7 +16,7 @@ from finetune.cli import app
 from finetune.report.plots import DPI, FIGSIZE
 from finetune.report.report import throughput
 
-from rundirs import make_run, sweep  # noqa: F401  (a fixture)
+from rundirs import make_run
 
 PNG_SIZE = (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
 

@@ -10,7 +10,7 @@ from finetune.environment import process_identity
 from finetune.errors import UserError
 from finetune.run.listing import describe, find_runs, last_logged_step, read_config, run_status, runs_table
 
-from rundirs import make_checkpoint, make_run, sweep  # noqa: F401  (a fixture)
+from rundirs import make_checkpoint, make_run
 
 
 def test_runs_are_found_in_natural_order_and_not_inside_runs(sweep, tmp_path):
