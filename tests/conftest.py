@@ -69,7 +69,8 @@ def logits_of(model, x):
 
 
 class OneProcess:
-    """The parts of an Accelerator that ``accumulate_gradients`` uses, for a single process."""
+    """The parts of a ``finetune.training.parallel.Parallel`` that ``accumulate_gradients`` uses,
+    for a single process."""
 
     def __init__(self):
         import torch
@@ -83,6 +84,11 @@ class OneProcess:
 
     def backward(self, loss):
         loss.backward()
+
+    def forward_context(self):
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 @pytest.fixture

@@ -34,13 +34,15 @@ def attach(model, method: str, settings: dict):
     return method_module(method).attach(model, **settings)
 
 
-def save_adapter(adapter, directory: str | Path, meta: dict | None = None) -> Path:
-    """Write ``adapter.safetensors`` and ``adapter.json`` into ``directory``."""
+def save_adapter(adapter, directory: str | Path, meta: dict | None = None, state: dict | None = None) -> Path:
+    """Write ``adapter.safetensors`` and ``adapter.json`` into ``directory``; ``state``: the tensors
+    to write (default ``adapter.state_dict()``)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    state = adapter.state_dict() if state is None else state
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "method": adapter.method})
     info = {"method": adapter.method, "settings": adapter.settings, **(meta or {})}
     (directory / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")

@@ -345,8 +345,11 @@ class Adapter:
         return [{"params": self.parameters(), "lr": lr, "weight_decay": weight_decay, "name": self.method}]
 
     # -- state --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach() for k, p in self.named_trainable()}
+    def state_dict(self, values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file holds. ``values``: the trainable tensors by name, to use instead
+        of the live ones (e.g. gathered whole from the shards of a sharded run)."""
+        values = values if values is not None else dict(self.named_trainable())
+        return {k: values[k].detach() for k, _ in self.named_trainable()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -410,6 +413,10 @@ class Adapter:
         """Called after every optimizer step (``step`` steps done). ReMoRA/ReLoRA merge here and
         return the :class:`Restart` the loop applies to the optimizer and schedule; None by default."""
         return None
+
+    def set_sharded(self) -> None:
+        """The model's parameters are about to be sharded across processes (FSDP2, ZeRO-3): from
+        now on a layer's tensors are whole only inside that layer's own forward. No-op by default."""
 
     def merges_into_base(self) -> bool:
         """Whether training writes into the base weights (ReMoRA/ReLoRA merges). The run must then

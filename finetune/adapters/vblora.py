@@ -310,6 +310,11 @@ class VBLoraAdapter(Adapter):
         for layer in self.layers.values():
             layer._factors = None
 
+    def set_sharded(self) -> None:
+        """Sharded parameters (FSDP2, ZeRO-3) are gathered one layer at a time, so the root's batched
+        assembly cannot see them: each layer assembles its own factors, in its own forward."""
+        self.batched = False
+
     @property
     def bank(self) -> nn.Parameter:
         return getattr(self.model, BANK_ATTR)
@@ -358,13 +363,15 @@ class VBLoraAdapter(Adapter):
         ]
 
     # -- state ------------------------------------------------------------------------------------
-    def state_dict(self, only_topk: bool | None = None) -> dict[str, torch.Tensor]:
-        """Adapter tensors. With ``only_topk`` (default: the ``save_only_topk`` setting) each logits
-        tensor ``<name>`` becomes ``<name>_topk_indices`` and ``<name>_topk_weights`` (§4.11)."""
+    def state_dict(self, only_topk: bool | None = None, values: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """Adapter tensors (``values``: see :meth:`Adapter.state_dict`). With ``only_topk`` (default:
+        the ``save_only_topk`` setting) each logits tensor ``<name>`` becomes ``<name>_topk_indices``
+        and ``<name>_topk_weights`` (§4.11)."""
         if only_topk is None:
             only_topk = bool(self.settings.get("save_only_topk"))
         state = {}
-        for name, p in self.named_trainable():
+        for name, p in (values or dict(self.named_trainable())).items():
             if only_topk and name != BANK_ATTR:
                 indices, weights = encode_topk(p.detach(), self.settings["topk"])
                 state[name + TOPK_INDICES] = indices

@@ -133,13 +133,13 @@ def _join_rng(tensors: dict, records: list[dict], rank: int) -> dict:
 EXTRA = "trainable::"  # key prefix of trained parameters outside the adapter (e.g. task.train_modules)
 
 
-def training_tensors(accelerator, model, adapter) -> dict:
+def training_tensors(parallel, model, adapter) -> dict:
     """The adapter's training tensors plus every other trainable parameter of the model (by its
     name, prefixed ``trainable::``), whole and on the CPU. Sharded FSDP2 parameters are gathered:
     a collective, so every rank calls it, in the same order."""
     named = dict(adapter.training_state_dict())
     own = {id(p) for p in adapter.parameters()}
-    for name, p in accelerator.unwrap_model(model).named_parameters():
+    for name, p in parallel.unwrap(model).named_parameters():
         if p.requires_grad and id(p) not in own:
             named[EXTRA + name] = p
     out = {}
@@ -194,19 +194,19 @@ def _json_default(value):
 class Checkpointer:
     """Saves checkpoints of one run; remembers the last one written (or resumed from)."""
 
-    def __init__(self, run_dir: Path, cfg, accelerator, model, adapter, optimizer, scheduler,
+    def __init__(self, run_dir: Path, cfg, parallel, model, adapter, optimizer, scheduler,
                  last: Path | None = None):
         self.root = Path(run_dir) / DIR
         self.keep = int(cfg.trainer.keep_checkpoints)
         self.config_yaml = to_yaml(cfg)
-        self.global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes
-        self.accelerator, self.model, self.adapter = accelerator, model, adapter
+        self.global_batch = cfg.trainer.batch_size * cfg.trainer.grad_accum * parallel.num_processes
+        self.parallel, self.model, self.adapter = parallel, model, adapter
         self.optimizer, self.scheduler = optimizer, scheduler
         self.last = last
 
     def save(self, step: int, tokens_seen: int) -> Path:
         """Every rank calls this (the gathers are collective); the main process writes."""
-        acc = self.accelerator
+        acc = self.parallel
         weights = training_tensors(acc, self.model, self.adapter)
         optim = optimizer_state(self.model, self.optimizer)
         rng_states = gather_objects(acc, rng_state())

@@ -7,8 +7,6 @@ With one process every helper is a plain function call.
 
 from __future__ import annotations
 
-import contextlib
-
 from finetune.errors import UserError
 
 
@@ -72,31 +70,3 @@ def _describe(error):
     if error is None:
         return None
     return type(error).__name__, str(error)
-
-
-
-@contextlib.contextmanager
-def whole_parameters(accelerator, model):
-    """Inside the block every parameter is whole on every rank: FSDP2 and DeepSpeed ZeRO-3 gather
-    their shards (every rank must enter); one process and DDP hold whole parameters anyway."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        from torch.distributed.fsdp import FSDPModule
-
-        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        for m in units:
-            m.unshard()
-        try:
-            yield
-        finally:
-            for m in units:
-                m.reshard()
-    elif kind == DistributedType.DEEPSPEED:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            yield
-    else:
-        yield

@@ -45,9 +45,10 @@ from finetune.outputs.merge import merge_run
 from finetune.run.directory import RunDir
 from finetune.tasks import build_task
 from finetune.training import checkpoint, tracking
-from finetune.training.distributed import any_rank, broadcast_object, whole_parameters
+from finetune.training.distributed import any_rank, broadcast_object
 from finetune.training.launch import warn_if_not_launched
 from finetune.training.optimizer import make_optimizer
+from finetune.training.parallel import Parallel, for_launcher
 from finetune.training.resume import Start, abandon, open_run, resume_command
 from finetune.training.schedule import apply_restart, make_scheduler
 from finetune.training.signals import StopSignals
@@ -57,7 +58,7 @@ from finetune.training.signals import StopSignals
 # --------------------------------------------------------------------------------------------
 
 
-def accumulate_gradients(model, micro_batches: list[dict], accelerator, loss_chunk: int = 0
+def accumulate_gradients(model, micro_batches: list[dict], parallel, loss_chunk: int = 0
                          ) -> tuple[float, int]:
     """Forward and backward over one accumulation window (this process's micro-batches).
 
@@ -65,21 +66,23 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator, loss_chu
     across all processes (times the process count, since DDP averages gradients), so the
     gradient is Σ token-loss gradients / Σ tokens however the window is split.
     ``loss_chunk > 0``: the cross-entropy over chunks of that many tokens (finetune.models.loss).
+    ``parallel``: a :class:`finetune.training.parallel.Parallel`.
     Returns (mean token loss over the window, input tokens processed by all processes)."""
-    device = accelerator.device
-    world = accelerator.num_processes
+    device = parallel.device
+    world = parallel.num_processes
     local = torch.tensor([sum(count_loss_tokens(b) for b in micro_batches),
                           sum(int(b["attention_mask"].sum()) for b in micro_batches)], device=device)
-    window_tokens, input_tokens = (int(v) for v in accelerator.reduce(local, reduction="sum").tolist())
+    window_tokens, input_tokens = (int(v) for v in parallel.reduce(local, reduction="sum").tolist())
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
-        with accelerator.no_sync(model) if (world > 1 and not last) else nullcontext():
-            loss_sum = causal_lm_loss_sum(model, batch, loss_chunk)
-            accelerator.backward(loss_sum * world / max(window_tokens, 1))
+        with parallel.no_sync(model) if (world > 1 and not last) else nullcontext():
+            with parallel.forward_context():
+                loss_sum = causal_lm_loss_sum(model, batch, loss_chunk)
+            parallel.backward(loss_sum * world / max(window_tokens, 1))
         total += loss_sum.detach()
-    loss = accelerator.reduce(total, reduction="sum").item() / max(window_tokens, 1)
+    loss = parallel.reduce(total, reduction="sum").item() / max(window_tokens, 1)
     return loss, input_tokens
 
 
@@ -95,6 +98,7 @@ class Session:
 
     cfg: Any
     accelerator: Any
+    parallel: Parallel
     run: RunDir
     start: Start
     stop: StopSignals
@@ -140,7 +144,7 @@ def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str |
     reset_peak_memory(device)
     start_time = time.time()
     stop = StopSignals(escalate=not in_launched_process()).install()
-    session = Session(cfg, accelerator, run, start, stop, device, quiet)
+    session = Session(cfg, accelerator, for_launcher(cfg, accelerator), run, start, stop, device, quiet)
     failure = None
     try:
         tracking.start(accelerator, cfg, run.path)
@@ -193,12 +197,15 @@ def set_up(s: Session) -> None:
     if resumed:  # trained weights (ReMoRA: also its base weights and layer types) before wrapping
         checkpoint.restore_weights(resumed, model, s.adapter)
 
-    optimizer = make_optimizer(s.adapter, t, s.full)
-    s.scheduler = make_scheduler(optimizer, getattr(t.schedule, "value", t.schedule), t.warmup_steps,
-                                 t.max_steps)
-    s.model, s.optimizer = s.accelerator.prepare(model, optimizer)
+    def optimizer():  # over the parameters as they are once prepared (sharded: new tensors)
+        s.full = {name: model.get_parameter(name) for name in s.full}
+        return make_optimizer(s.adapter, t, s.full)
+
+    s.model, s.optimizer = s.parallel.prepare(model, s.adapter, optimizer)
+    s.scheduler = make_scheduler(getattr(s.optimizer, "optimizer", s.optimizer),
+                                 getattr(t.schedule, "value", t.schedule), t.warmup_steps, t.max_steps)
     s.model.train()
-    s.saver = checkpoint.Checkpointer(s.run.path, cfg, s.accelerator, s.model, s.adapter, s.optimizer,
+    s.saver = checkpoint.Checkpointer(s.run.path, cfg, s.parallel, s.model, s.adapter, s.optimizer,
                                       s.scheduler)
     if resumed:  # optimizer, LR schedule, RNG; the data position is the step number
         checkpoint.restore_training(resumed, s.model, s.optimizer, s.scheduler, s.accelerator.process_index)
@@ -225,23 +232,21 @@ def run_steps(s: Session) -> None:
     stream = ExampleStream(len(s.examples), t.seed)
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
     trainable = [p for group in s.optimizer.param_groups for p in group["params"] if p.requires_grad]
-    world, rank = s.accelerator.num_processes, s.accelerator.process_index
+    world, rank = s.parallel.num_processes, s.parallel.process_index
     bar = progress.bar(total=t.max_steps, initial=s.step, desc="train")
     while s.step < t.max_steps:
         step_start = time.time()
         micro = [collate([s.examples[i] for i in idx], pad_id)
                  for idx in stream.micro_batches(s.step, t.batch_size, t.grad_accum, rank, world)]
-        s.loss, tokens_step = accumulate_gradients(s.model, micro, s.accelerator, t.loss_chunk)
+        s.loss, tokens_step = accumulate_gradients(s.model, micro, s.parallel, t.loss_chunk)
         if not math.isfinite(s.loss):
             last_good = (f"; the last good checkpoint {s.saver.last} stays (continue from it with "
                          "trainer.resume=auto)") if s.saver.last else ""
             raise TrainingError(f"loss became {s.loss} at step {s.step + 1}; lower trainer.lr or check the "
                                 f"data{last_good}")
-        grad_norm = s.accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
         lr = s.optimizer.param_groups[0]["lr"]
-        s.optimizer.step()
+        grad_norm = s.parallel.step(s.optimizer, trainable, t.max_grad_norm)
         s.scheduler.step()
-        s.optimizer.zero_grad(set_to_none=True)
         s.step += 1
         apply_restart(s.adapter.on_optimizer_step(s.step), s.optimizer, s.scheduler)
 
@@ -251,7 +256,7 @@ def run_steps(s: Session) -> None:
         bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
         if s.main and (s.step % t.log_every == 0 or s.step == t.max_steps):
             s.run.log({"step": s.step, "loss": s.loss, "lr": lr, "tokens_per_s": tps, "tokens": s.tokens_seen,
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None, "time": time.time()})
+                       "grad_norm": grad_norm, "time": time.time()})
         if t.eval_every and s.step % t.eval_every == 0 and s.step < t.max_steps:
             metrics = _evaluate(s)
             if s.main:
@@ -274,12 +279,16 @@ def finish(s: Session) -> dict:
     summary = {"final_loss": s.loss, "steps": t.max_steps, "tokens_seen": s.tokens_seen,
                "metric": s.task.metric, "metrics": metrics, "params": s.params,
                "peak_memory_mb": peak_memory_mb(s.device), "environment": environment_info(s.device)}
-    with whole_parameters(s.accelerator, s.model):  # FSDP / ZeRO-3: gather the shards to save them
-        if s.main:
-            adapters.save_adapter(s.adapter, s.run.path, meta={"base_model": to_container(cfg.model),
-                                                                 "base_params": s.base_params})
-            if s.full or s.adapter.merges_into_base():  # ReMoRA/ReLoRA merges, fully trained modules
-                s.adapter.save_base(s.run.base)  # the base the adapter now belongs to (load_run prefers it)
+    # Every tensor whole (gathered one by one from the shards, on every rank), written by the main process.
+    whole = {name: s.parallel.full_tensor(p) for name, p in s.adapter.named_trainable()}
+    if s.main:
+        adapters.save_adapter(s.adapter, s.run.path, meta={"base_model": to_container(cfg.model),
+                                                             "base_params": s.base_params},
+                              state=s.adapter.state_dict(values=whole))
+    if s.full or s.adapter.merges_into_base():  # ReMoRA/ReLoRA merges, fully trained modules
+        with s.parallel.whole_parameters(s.model):
+            if s.main:  # the base the adapter now belongs to (load_run prefers it)
+                s.adapter.save_base(s.run.base)
     if s.main:
         s.run.log({"step": t.max_steps, "eval": metrics})
         s.tokenizer.save_pretrained(s.run.tokenizer)
@@ -304,11 +313,11 @@ def _interrupted(s: Session, path) -> RunInterrupted:
 def _evaluate(s: Session) -> dict:
     """The task metric, the same on every rank. Every rank evaluates (with sharded parameters, FSDP
     or ZeRO-3, each forward pass needs all ranks) and the main process's result is shared."""
-    unwrapped = s.accelerator.unwrap_model(s.model)
+    unwrapped = s.parallel.unwrap(s.model)
     was_training = unwrapped.training
     unwrapped.eval()
-    with s.accelerator.autocast():
-        metrics = s.task.evaluate(unwrapped, s.accelerator.device)
+    with s.parallel.autocast():
+        metrics = s.task.evaluate(unwrapped, s.parallel.device)
     unwrapped.train(was_training)
     return broadcast_object(s.accelerator, metrics)
 

@@ -43,6 +43,7 @@ def main(out: str) -> None:
 
     from finetune.data.batching import collate
     from finetune.training.loop import accumulate_gradients
+    from finetune.training.parallel import Parallel
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -52,7 +53,7 @@ def main(out: str) -> None:
     model = accelerator.prepare(model)
     mine = window()[rank * 4:(rank + 1) * 4]
     micro = [collate(mine[:2], PAD), collate(mine[2:], PAD)]
-    loss, tokens = accumulate_gradients(model, micro, accelerator)
+    loss, tokens = accumulate_gradients(model, micro, Parallel(accelerator))
     grads = {name: p.grad.detach().clone() for name, p in zip(names, adapter.parameters())}
     if rank == 0:
         grads["loss"] = torch.tensor([loss], dtype=torch.float64)
