@@ -45,9 +45,10 @@ CASES = [
      "launcher.num_machines=2: set launcher.main_process_ip"),
     (["train", "launcher=ddp", "launcher.machine_rank=3", "launcher.num_machines=2"],
      "launcher.machine_rank=3: must be in [0, 1]"),
-    (["train", *TINY, "launcher=fsdp", "launcher.num_processes=2", "trainer.device=cpu"],
-     "launcher=fsdp needs CUDA GPUs"),
-    (["train", "launcher=deepspeed", "trainer.grad_accum=2"], "trainer.grad_accum=2 with launcher=deepspeed"),
+    (["train", "launcher=deepspeed", "launcher.num_processes=2", "method=lora", "model.quantize=4bit"],
+     "model.quantize=4bit with launcher=deepspeed: ZeRO-3 cannot partition bitsandbytes 4/8-bit weights"),
+    (["train", "launcher=fsdp", "launcher.num_processes=2", "method=mora", "method.remora_every=10"],
+     "method.remora_every=10 with launcher=fsdp: ReMoRA/ReLoRA merge into the base weights during training"),
     # paths: model, data, run directories, checkpoints
     (["train", *TINY, "method=lora", "model.init=pretrained", "model.path=/no/such/model", "output_dir={out}"],
      "model.path=/no/such/model: no such directory"),

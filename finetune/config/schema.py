@@ -263,7 +263,7 @@ class LauncherConfig:
     machine_rank: int = 0
     main_process_ip: Optional[str] = None  # needed with num_machines > 1
     main_process_port: Optional[int] = None  # null: a free port (one machine) or 29500
-    config_file: Optional[str] = None  # an Accelerate config file; null: conf/accelerate/<name>.yaml
+    config_file: Optional[str] = None  # an Accelerate config file for the launch; null: conf/accelerate/launch.yaml
 
 
 @dataclass

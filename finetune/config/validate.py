@@ -158,13 +158,12 @@ def check_launcher(cfg) -> None:
                         f"launcher.num_machines={l.num_machines} (it counts the processes of all machines)")
     if l.config_file and not Path(l.config_file).expanduser().is_file():
         raise UserError(f"launcher.config_file={l.config_file}: no such file")
-    if l.name in ("fsdp", "deepspeed") and cfg.model.quantize not in (None, "none"):
-        raise UserError(f"model.quantize={cfg.model.quantize} with launcher={l.name}: a 4/8-bit base is not "
-                        "sharded here; use launcher=ddp (every GPU holds the small quantized base)")
-    if l.name == "deepspeed" and cfg.trainer.grad_accum > 1:
-        raise UserError(f"trainer.grad_accum={cfg.trainer.grad_accum} with launcher=deepspeed: DeepSpeed's engine "
-                        "steps after every backward here; use trainer.grad_accum=1 and a larger "
-                        "trainer.batch_size or more processes")
-    if l.name == "deepspeed" and (cfg.trainer.save_every or cfg.trainer.resume):
-        raise UserError("trainer.save_every / trainer.resume with launcher=deepspeed: checkpoints of "
-                        "DeepSpeed's partitioned optimizer are not supported; use launcher=fsdp or ddp")
+    if l.name == "deepspeed" and cfg.model.quantize not in (None, "none"):
+        raise UserError(f"model.quantize={cfg.model.quantize} with launcher=deepspeed: ZeRO-3 cannot partition "
+                        "bitsandbytes 4/8-bit weights; use launcher=fsdp (which keeps the small quantized base "
+                        "whole on every rank) or launcher=ddp")
+    merging = cfg.method.get("remora_every") or cfg.method.get("relora_every")
+    if l.name in ("fsdp", "deepspeed") and merging:
+        key = "remora_every" if cfg.method.get("remora_every") else "relora_every"
+        raise UserError(f"method.{key}={merging} with launcher={l.name}: ReMoRA/ReLoRA merge into the base "
+                        "weights during training, which stay whole only with launcher=ddp; use launcher=ddp")

@@ -118,7 +118,11 @@ def load_model(cfg, device_type: str = "cpu", base_dir: str | None = None, dtype
         if save_base is not None:
             return load_model(cfg, device_type, base_dir=str(save_base), dtype=dtype)
         with tempfile.TemporaryDirectory(prefix="finetune-base-") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            # Written directly: transformers' save_pretrained writes on global rank 0 only.
+            from safetensors.torch import save_model
+
+            model.config.to_json_file(str(Path(tmp) / "config.json"))
+            save_model(model, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
             return load_model(cfg, device_type, base_dir=tmp, dtype=dtype)
     dtype = torch_type
     path = base_dir or source_dir(cfg)

@@ -3,18 +3,27 @@ atomically and pruning old ones. What goes into a checkpoint is the training loo
 (finetune.training.checkpoint); this module only knows the files.
 
     RUN_DIR/checkpoints/step-N/
-      weights.safetensors     the method's training tensors (adapter tensors; all weights for
-                              method=full; plus the merged base weights for ReMoRA)
+      weights.R.safetensors   the method's training tensors (adapter tensors; all weights for
+                              method=full; plus the merged base weights for ReMoRA), as pieces
       adapter.json            method and settings (MoRA: each layer's current type)
-      optimizer.safetensors   optimizer state tensors, keyed by parameter name
+      optimizer.R.safetensors optimizer state tensors, keyed by parameter name, as pieces
       rng.safetensors         torch (and CUDA) RNG states of every rank
       state.json              step, tokens seen, optimizer hyper-parameters, LR scheduler state
                               (including ReMoRA restarts), Python/NumPy RNG states per rank
       config.yaml             the resolved config the run was trained with
       COMPLETE                written last: the files above with their sizes
 
-A checkpoint is written into ``checkpoints/.tmp-step-N-<pid>`` and renamed to ``step-N`` once the
-marker is on disk, so a kill at any moment leaves either no ``step-N`` or a complete one; a
+**Pieces.** Rank R writes ``weights.R.safetensors`` and ``optimizer.R.safetensors`` with the part of
+each tensor it holds: a contiguous range of the tensor's elements in row-major order, stored flat,
+the file's metadata giving every piece's start and the tensor's whole shape. One process or data
+parallel: rank 0 writes every tensor whole. FSDP2: every rank its rows of each sharded tensor.
+ZeRO-3: every rank its partition of each flattened tensor. Nothing is gathered to save, whatever
+the model's size, and any rank of any later run reads exactly the range it needs
+(:class:`Pieces`), so a checkpoint resumes with another process count or another launcher.
+
+A checkpoint is written into ``checkpoints/.tmp-step-N-<pid>`` (every rank into the same one, on
+storage all ranks share) and renamed to ``step-N`` by the main process once every file and then the
+marker are on disk, so a kill at any moment leaves either no ``step-N`` or a complete one; a
 ``step-N`` whose marker or files do not match is never used. No pickle anywhere: tensors are
 safetensors, everything else JSON or YAML.
 """
@@ -29,9 +38,9 @@ from pathlib import Path
 
 DIR = "checkpoints"
 MARKER = "COMPLETE"
-WEIGHTS = "weights.safetensors"
+WEIGHTS = "weights"  # stem of the piece files weights.R.safetensors
 META = "adapter.json"
-OPTIMIZER = "optimizer.safetensors"
+OPTIMIZER = "optimizer"  # stem of optimizer.R.safetensors
 RNG = "rng.safetensors"
 STATE = "state.json"
 CONFIG = "config.yaml"
@@ -93,19 +102,23 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write(root: Path, step: int, tensors: dict[str, dict], texts: dict[str, str]) -> Path:
-    """Write checkpoint ``step`` under ``root`` (RUN_DIR/checkpoints) atomically: ``tensors`` maps a
-    file name to the tensors it holds (safetensors), ``texts`` a file name to its text. Returns its
-    path. An existing complete ``step-N`` is kept as it is (it holds the same state)."""
-    from safetensors.torch import save_file
-
-    final = step_dir(root, step)
-    if is_complete(final):
-        return final
+def begin(root: Path, step: int) -> Path | None:
+    """Main process: an empty temporary directory for checkpoint ``step`` (None when a complete
+    ``step-N`` exists already: it holds the same state)."""
+    if is_complete(step_dir(root, step)):
+        return None
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    return tmp
+
+
+def finish(root: Path, step: int, tmp: Path, tensors: dict[str, dict], texts: dict[str, str]) -> Path:
+    """Main process, once every rank's pieces are in ``tmp``: write ``tensors`` (file name → its
+    tensors) and ``texts`` (file name → text), then the marker, and rename ``tmp`` to ``step-N``."""
+    from safetensors.torch import save_file
+
     for name, content in tensors.items():
         save_file(content, str(tmp / name), metadata={"format": "pt"})
     for name, text in texts.items():
@@ -115,11 +128,109 @@ def write(root: Path, step: int, tensors: dict[str, dict], texts: dict[str, str]
         _fsync(tmp / name)
     (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}) + "\n")
     _fsync(tmp / MARKER)
+    final = step_dir(root, step)
     if final.exists():  # an incomplete leftover of an earlier attempt
         _remove(final)
     os.replace(tmp, final)
     _fsync(root)
     return final
+
+
+def write(root: Path, step: int, tensors: dict[str, dict], texts: dict[str, str]) -> Path:
+    """Write checkpoint ``step`` from one process (``begin`` and ``finish``); returns its path."""
+    tmp = begin(root, step)
+    return step_dir(root, step) if tmp is None else finish(root, step, tmp, tensors, texts)
+
+
+def abort(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of tensors
+# --------------------------------------------------------------------------------------------
+
+
+def piece_file(directory: Path, stem: str, rank: int) -> Path:
+    return Path(directory) / f"{stem}.{rank}.safetensors"
+
+
+def write_pieces(directory: Path, stem: str, rank: int, pieces: dict) -> Path | None:
+    """Write this rank's pieces: ``{name: (flat tensor, start, whole shape)}`` (None when empty)."""
+    from safetensors.torch import save_file
+
+    if not pieces:
+        return None
+    index = {name: {"start": int(start), "shape": [int(s) for s in shape]} for name, (_, start, shape) in pieces.items()}
+    tensors, storages = {}, set()
+    for name, (flat, _, _) in pieces.items():
+        flat = flat.detach().reshape(-1).contiguous().cpu()
+        if flat.untyped_storage().data_ptr() in storages:  # safetensors stores no shared memory
+            flat = flat.clone()
+        storages.add(flat.untyped_storage().data_ptr())
+        tensors[name] = flat
+    path = piece_file(directory, stem, rank)
+    save_file(tensors, str(path), metadata={"format": "pt", "pieces": json.dumps(index)})
+    return path
+
+
+class Pieces:
+    """The tensors of a checkpoint's ``stem.*.safetensors`` files, read whole or by element range.
+    A file without a piece index (the format before pieces) holds whole tensors."""
+
+    def __init__(self, directory: Path, stem: str):
+        from safetensors import safe_open
+
+        self.files = sorted(Path(directory).glob(f"{stem}.*safetensors"))  # R.safetensors, or the whole file
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.where: dict[str, list[tuple[int, int, Path]]] = {}  # name → [(start, length, file)]
+        for path in self.files:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                index = json.loads(meta["pieces"]) if "pieces" in meta else None
+                for name in f.keys():
+                    shape = f.get_slice(name).get_shape()
+                    numel = 1
+                    for s in shape:
+                        numel *= s
+                    start, whole = (index[name]["start"], tuple(index[name]["shape"])) if index else (0, tuple(shape))
+                    self.shapes[name] = whole
+                    self.where.setdefault(name, []).append((start, numel, path))
+
+    def names(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for s in self.shapes[name]:
+            n *= s
+        return n
+
+    def range(self, name: str, start: int, length: int):
+        """Elements ``[start, start + length)`` of tensor ``name`` (row-major), as a flat tensor."""
+        import torch
+        from safetensors import safe_open
+
+        if name not in self.where:
+            raise KeyError(name)
+        parts, end, pos = [], start + length, start
+        for piece_start, numel, path in sorted(self.where[name]):
+            lo, hi = max(pos, piece_start), min(end, piece_start + numel)
+            if lo >= hi or lo != pos:
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                flat = f.get_slice(name)
+                data = flat[lo - piece_start:hi - piece_start] if len(flat.get_shape()) == 1 else \
+                    f.get_tensor(name).reshape(-1)[lo - piece_start:hi - piece_start]
+            parts.append(data)
+            pos = hi
+        if pos != end:
+            raise ValueError(f"checkpoint pieces of {name} do not cover elements [{start}, {end})")
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+    def whole(self, name: str):
+        """Tensor ``name`` in its whole shape."""
+        return self.range(name, 0, self.numel(name)).reshape(self.shapes[name])
 
 
 def _remove(path: Path) -> None:

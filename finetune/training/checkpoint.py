@@ -14,61 +14,66 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config.compose import to_yaml
-from finetune.errors import UserError
-from finetune.run.checkpoints import (
-    CONFIG,
-    DIR,
-    MARKER,
-    META,
-    OPTIMIZER,
-    RNG,
-    STATE,
-    WEIGHTS,
-    is_complete,
-    prune,
-    write,
-)
+from finetune.errors import UserError, first_line
+from finetune.run import checkpoints
+from finetune.run.checkpoints import CONFIG, DIR, MARKER, META, OPTIMIZER, RNG, STATE, WEIGHTS, is_complete
 from finetune.training.distributed import gather_objects, on_main
 
 # --------------------------------------------------------------------------------------------
-# State pieces: optimizer, scheduler, RNG
+# What a checkpoint holds: trained tensors, optimizer state, RNG states
 # --------------------------------------------------------------------------------------------
 
-
-def _raw(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+EXTRA = "trainable::"  # name prefix of trained parameters outside the adapter (e.g. task.train_modules)
 
 
-def optimizer_state(model, optimizer) -> tuple[dict, dict]:
-    """(tensors, JSON part) of the optimizer state, keyed by parameter name so that it loads into
-    any wrapping of the same model (plain, DDP, FSDP2: gathered in full). Every rank must call it."""
+def training_tensors(parallel, model, adapter) -> dict:
+    """The tensors a checkpoint restores the run's weights from, by name: the adapter's trainable
+    tensors (the parameters themselves, sharded or not), the base weights a ReMoRA/ReLoRA run
+    changed, and every other trainable parameter of the model (prefixed ``trainable::``)."""
+    named = dict(adapter.named_trainable())
+    named.update({k: v for k, v in adapter.training_state_dict().items() if k not in named})
+    own = {id(p) for p in adapter.parameters()}
+    for name, p in parallel.unwrap(model).named_parameters():
+        if p.requires_grad and id(p) not in own:
+            named[EXTRA + name] = p
+    return named
+
+
+def load_training_tensors(state: dict, model, adapter, settings: dict) -> None:
     import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    sd = get_optimizer_state_dict(model, _raw(optimizer),
-                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tensors, scalars = {}, {}
-    for name, state in sd.get("state", {}).items():  # ranks other than 0 get an empty dict
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(name, {})[key] = value
-    return tensors, {"param_groups": sd.get("param_groups", []), "scalars": scalars}
+    extra = {k[len(EXTRA):]: state.pop(k) for k in [k for k in state if k.startswith(EXTRA)]}
+    adapter.load_training_state_dict(state, settings)
+    with torch.no_grad():
+        for name, value in extra.items():
+            try:
+                p = model.get_parameter(name)
+            except AttributeError:
+                raise UserError(f"the checkpoint trains parameter {name}, which this model does not have") from None
+            p.copy_(value.to(p.dtype))
 
 
-def load_optimizer_state(model, optimizer, tensors: dict, info: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def _pieces_of(parallel, named: dict) -> dict:
+    """This rank's pieces of the tensors ``named`` (see finetune.run.checkpoints)."""
+    out = {}
+    for name, tensor in named.items():
+        piece = parallel.piece(tensor)
+        if piece is not None:
+            out[name] = (*piece, tuple(parallel.whole_shape(tensor)))
+    return out
 
-    state: dict[str, dict] = {}
-    for key, value in tensors.items():
-        name, _, field = key.rpartition("/")
-        state.setdefault(name, {})[field] = value
-    for name, extra in info["scalars"].items():
-        state.setdefault(name, {}).update(extra)
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in info["param_groups"]]
-    set_optimizer_state_dict(model, _raw(optimizer), {"state": state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
+
+def optimizer_groups(optimizer) -> list[dict]:
+    """The optimizer's hyper-parameters per group (learning rates, betas, ...), without the tensors."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def load_optimizer_groups(optimizer, groups: list[dict]) -> None:
+    if len(groups) != len(optimizer.param_groups):
+        raise UserError(f"the checkpoint's optimizer has {len(groups)} parameter groups, this run's "
+                        f"{len(optimizer.param_groups)}")
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items() if k != "params"})
 
 
 def rng_state() -> dict:
@@ -125,57 +130,13 @@ def _join_rng(tensors: dict, records: list[dict], rank: int) -> dict:
             "cuda": [tensors[f"rank{r}/cuda{i}"] for i in range(rec["cuda_devices"])]}
 
 
-# --------------------------------------------------------------------------------------------
-# Gathering the weights
-# --------------------------------------------------------------------------------------------
-
-
-EXTRA = "trainable::"  # key prefix of trained parameters outside the adapter (e.g. task.train_modules)
-
-
-def training_tensors(parallel, model, adapter) -> dict:
-    """The adapter's training tensors plus every other trainable parameter of the model (by its
-    name, prefixed ``trainable::``), whole and on the CPU. Sharded FSDP2 parameters are gathered:
-    a collective, so every rank calls it, in the same order."""
-    named = dict(adapter.training_state_dict())
-    own = {id(p) for p in adapter.parameters()}
-    for name, p in parallel.unwrap(model).named_parameters():
-        if p.requires_grad and id(p) not in own:
-            named[EXTRA + name] = p
-    out = {}
-    for name, value in named.items():
-        if hasattr(value, "full_tensor"):  # a DTensor shard (FSDP2)
-            value = value.full_tensor()
-        out[name] = value.detach().cpu().contiguous()
-    return out
-
-
-def load_training_tensors(state: dict, model, adapter, settings: dict) -> None:
-    import torch
-
-    extra = {k[len(EXTRA):]: state.pop(k) for k in [k for k in state if k.startswith(EXTRA)]}
-    adapter.load_training_state_dict(state, settings)
-    with torch.no_grad():
-        for name, value in extra.items():
-            try:
-                p = model.get_parameter(name)
-            except AttributeError:
-                raise UserError(f"the checkpoint trains parameter {name}, which this model does not have") from None
-            p.copy_(value.to(p.dtype))
-
-
-def checkpoint_files(step: int, weights: dict, adapter_meta: dict, optim: tuple[dict, dict],
-                     rng_states: list[dict], scheduler_state: dict, info: dict, config_yaml: str
-                     ) -> tuple[dict[str, dict], dict[str, str]]:
-    """The files of checkpoint ``step``: (tensor files, text files) for ``finetune.run.checkpoints.write``."""
-    opt_tensors, opt_info = optim
-    rng_tensors, rng_records = _split_rng(rng_states)
-    state = {"step": step, **info, "optimizer": opt_info, "scheduler": scheduler_state, "rng": rng_records,
+def checkpoint_texts(step: int, adapter_meta: dict, optimizer_info: dict, rng_records: list[dict],
+                     scheduler_state: dict, info: dict, config_yaml: str) -> dict[str, str]:
+    """The text files of checkpoint ``step`` (the pieces and RNG tensors are written apart)."""
+    state = {"step": step, **info, "optimizer": optimizer_info, "scheduler": scheduler_state, "rng": rng_records,
              "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tensors = {WEIGHTS: weights, OPTIMIZER: opt_tensors, RNG: rng_tensors}
-    texts = {META: json.dumps(adapter_meta, indent=2, default=str) + "\n",
-             STATE: json.dumps(state, default=_json_default) + "\n", CONFIG: config_yaml}
-    return tensors, texts
+    return {META: json.dumps(adapter_meta, indent=2, default=str) + "\n",
+            STATE: json.dumps(state, default=_json_default) + "\n", CONFIG: config_yaml}
 
 
 def _json_default(value):
@@ -205,24 +166,39 @@ class Checkpointer:
         self.last = last
 
     def save(self, step: int, tokens_seen: int) -> Path:
-        """Every rank calls this (the gathers are collective); the main process writes."""
-        acc = self.parallel
-        weights = training_tensors(acc, self.model, self.adapter)
-        optim = optimizer_state(self.model, self.optimizer)
-        rng_states = gather_objects(acc, rng_state())
+        """Every rank calls this: each writes its own pieces into the checkpoint's temporary folder,
+        then the main process writes the rest and completes it."""
+        p = self.parallel
+        tmp = on_main(p, lambda: str(checkpoints.begin(self.root, step) or ""))
+        rng_states = gather_objects(p, rng_state())
+        error = None
+        if tmp:
+            named = training_tensors(p, self.model, self.adapter)
+            try:
+                checkpoints.write_pieces(Path(tmp), WEIGHTS, p.process_index, _pieces_of(p, named))
+                checkpoints.write_pieces(Path(tmp), OPTIMIZER, p.process_index, p.optimizer_pieces(self.optimizer, named))
+            except Exception as e:  # reported by the main process below, so no rank is left waiting
+                error = f"{type(e).__name__}: {first_line(e)}"
+        errors = [e for e in gather_objects(p, error) if e]
         meta = {"method": self.adapter.method, "settings": self.adapter.settings}
-        info = {"tokens_seen": tokens_seen, "num_processes": acc.num_processes,
-                "global_batch": self.global_batch}
+        info = {"tokens_seen": tokens_seen, "num_processes": p.num_processes, "global_batch": self.global_batch,
+                "launcher": p.name}
 
-        def write_and_prune():
-            path = write(self.root, step, *checkpoint_files(step, weights, meta, optim, rng_states,
-                                                             self.scheduler.state_dict(), info, self.config_yaml))
-            prune(self.root, self.keep)
+        def complete():
+            if not tmp:
+                return str(checkpoints.step_dir(self.root, step))
+            if errors:
+                checkpoints.abort(Path(tmp))
+                raise UserError(f"cannot write checkpoint step-{step} in {self.root}: {errors[0]}")
+            rng_tensors, rng_records = _split_rng(rng_states)
+            texts = checkpoint_texts(step, meta, {"param_groups": optimizer_groups(self.optimizer)}, rng_records,
+                                     self.scheduler.state_dict(), info, self.config_yaml)
+            path = checkpoints.finish(self.root, step, Path(tmp), {RNG: rng_tensors}, texts)
+            checkpoints.prune(self.root, self.keep)
             return str(path)
 
-        self.last = Path(on_main(acc, write_and_prune))
+        self.last = Path(on_main(p, complete))
         return self.last
-
 
 # --------------------------------------------------------------------------------------------
 # Reading
@@ -250,20 +226,23 @@ def open_checkpoint(path: Path) -> Loaded:
 
 def restore_weights(ckpt: Loaded, model, adapter) -> None:
     """Adapter tensors (with ReMoRA's base weights and layer types) and other trained parameters
-    from the checkpoint; call before the model is prepared (wrapped) for distributed training."""
-    from safetensors.torch import load_file
-
+    from the checkpoint, whole; call before the model is prepared (wrapped or sharded)."""
     meta = json.loads((ckpt.path / META).read_text())
     if meta.get("method") != adapter.method:
         raise UserError(f"trainer.resume={ckpt.path}: the checkpoint is a {meta.get('method')} run, "
                         f"this config trains {adapter.method}")
-    load_training_tensors(load_file(str(ckpt.path / WEIGHTS)), model, adapter, meta.get("settings") or {})
+    pieces = checkpoints.Pieces(ckpt.path, WEIGHTS)
+    state = {name: pieces.whole(name) for name in pieces.names()}
+    load_training_tensors(state, model, adapter, meta.get("settings") or {})
 
 
-def restore_training(ckpt: Loaded, model, optimizer, scheduler, rank: int) -> None:
-    """Optimizer and LR-scheduler state, and this rank's RNG states; call after ``prepare``."""
+def restore_training(ckpt: Loaded, parallel, model, adapter, optimizer, scheduler) -> None:
+    """Optimizer state (each rank reads the part it holds), LR schedule, and this rank's RNG
+    states; call after ``prepare``."""
     from safetensors.torch import load_file
 
-    load_optimizer_state(model, optimizer, load_file(str(ckpt.path / OPTIMIZER)), ckpt.state["optimizer"])
+    named = training_tensors(parallel, model, adapter)
+    parallel.load_optimizer(optimizer, named, checkpoints.Pieces(ckpt.path, OPTIMIZER))
+    load_optimizer_groups(optimizer, ckpt.state["optimizer"]["param_groups"])
     scheduler.load_state_dict(dict(ckpt.state["scheduler"]))
-    set_rng_state(_join_rng(load_file(str(ckpt.path / RNG)), ckpt.state["rng"], rank))
+    set_rng_state(_join_rng(load_file(str(ckpt.path / RNG)), ckpt.state["rng"], parallel.process_index))

@@ -7,6 +7,8 @@ With one process every helper is a plain function call.
 
 from __future__ import annotations
 
+import socket
+
 from finetune.errors import UserError
 
 
@@ -70,3 +72,36 @@ def _describe(error):
     if error is None:
         return None
     return type(error).__name__, str(error)
+
+
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group(device) -> None:
+    """FSDP2 and ZeRO-3 work on a process group even in one process: without a launcher, make a
+    group of one (gloo on the CPU, NCCL on CUDA) on a free local port."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if getattr(device, "type", device) == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+def broadcast_trainable(model) -> None:
+    """Every trainable parameter as rank 0 has it, on every rank. Sharding keeps each rank's own
+    slice of its own tensors (DDP, by contrast, broadcasts when it wraps), so a tensor drawn at
+    random on each rank — an adapter's initialisation — must agree before it is sharded."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                dist.broadcast(param.data, src=0)

@@ -22,6 +22,7 @@ import contextlib
 import torch
 
 from finetune.errors import UserError
+from finetune.training.distributed import broadcast_trainable, ensure_process_group
 from finetune.training.parallel import Parallel
 
 
@@ -62,6 +63,8 @@ class FSDP(Parallel):
     sharded = True
 
     def prepare(self, model, adapter, make_optimizer):
+        ensure_process_group(self.device)
+        broadcast_trainable(model)
         adapter.set_sharded()
         shard(model)
         return model, make_optimizer()
@@ -104,4 +107,42 @@ class FSDP(Parallel):
         if is_sharded(tensor):
             tensor = tensor.full_tensor()
         return tensor.detach().cpu()
+
+    # A sharded tensor is split along its first dimension into chunks of ceil(rows / ranks) rows
+    # (the last ones shorter or empty), so each rank holds one contiguous range of elements.
+    def local_range(self, tensor: torch.Tensor) -> tuple[int, int]:
+        if not is_sharded(tensor):
+            return super().local_range(tensor)
+        _check_row_sharding(tensor)
+        rows = tensor.shape[0]
+        per_rank = -(-rows // tensor.device_mesh.size())
+        first = min(tensor.device_mesh.get_local_rank() * per_rank, rows)
+        row_numel = tensor.numel() // rows if rows else 0
+        local = tensor.to_local()
+        if local.shape[0] != min(per_rank, rows - first):
+            raise RuntimeError(f"unexpected FSDP2 shard of a {tuple(tensor.shape)} tensor: {tuple(local.shape)}")
+        return first * row_numel, local.numel()
+
+    def piece(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        if not is_sharded(tensor):
+            return super().piece(tensor)
+        start, length = self.local_range(tensor)
+        return (tensor.to_local().detach().reshape(-1), start) if length else None
+
+    def from_range(self, flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if not is_sharded(like):
+            return super().from_range(flat, like)
+        from torch.distributed.tensor import DTensor
+
+        local = like.to_local()
+        local = flat.reshape(local.shape).to(device=local.device, dtype=local.dtype)
+        return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride(),
+                                  run_check=False)
+
+
+def _check_row_sharding(tensor) -> None:
+    from torch.distributed.tensor import Shard
+
+    if tensor.device_mesh.ndim != 1 or len(tensor.placements) != 1 or tensor.placements[0] != Shard(0):
+        raise RuntimeError(f"finetune's checkpoints expect FSDP2's row sharding, got {tensor.placements}")
 

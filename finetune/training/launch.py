@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 
 from finetune.environment import in_launched_process
 from finetune.errors import UserError
 from finetune.models.device import device_type, mixed_precision
+from finetune.training.distributed import free_port
 from finetune.training.resume import RUN_DIR_ENV, decide_output_dir, plan
 
-ACCELERATE_CONFIGS = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "deepspeed": "deepspeed-zero3.yaml"}
+LAUNCH_CONFIG = "launch.yaml"  # conf/accelerate/: processes only; finetune shards (or not) itself
 MULTI_NODE_PORT = 29500
 
 
@@ -43,30 +43,35 @@ def warn_if_not_launched(cfg) -> None:
 
 
 def config_file(launcher) -> str:
-    if launcher.config_file:
-        return str(Path(launcher.config_file).expanduser().resolve())
-    from importlib.resources import files
+    """The Accelerate config of the launch: ``launcher.config_file``, else the shipped one. It only
+    describes the processes: finetune applies FSDP2 or ZeRO-3 itself (finetune.training.parallel),
+    so a file that turns on Accelerate's own FSDP or DeepSpeed is refused."""
+    if not launcher.config_file:
+        from importlib.resources import files
 
-    return str(files("finetune.conf").joinpath("accelerate", ACCELERATE_CONFIGS[launcher.name]))
+        return str(files("finetune.conf").joinpath("accelerate", LAUNCH_CONFIG))
+    path = Path(launcher.config_file).expanduser().resolve()
+    import yaml
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        kind = str((yaml.safe_load(path.read_text()) or {}).get("distributed_type", "")).upper()
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"launcher.config_file={launcher.config_file}: cannot read it ({e})") from None
+    if kind in ("FSDP", "DEEPSPEED"):
+        raise UserError(f"launcher.config_file={launcher.config_file}: distributed_type {kind} is not used; "
+                        f"finetune shards itself: set launcher={'fsdp' if kind == 'FSDP' else 'deepspeed'} and keep "
+                        "distributed_type MULTI_GPU (or MULTI_CPU) in the file")
+    return str(path)
 
 
 def plan_processes(cfg, device: str, gpus: int) -> int:
     """The total number of processes; checks what this machine can run."""
     l = cfg.launcher
-    if l.name in ("fsdp", "deepspeed") and device != "cuda":
-        raise UserError(f"launcher={l.name} needs CUDA GPUs (Accelerate runs FSDP and DeepSpeed on GPUs only; "
-                        "on the CPU it would quietly fall back to plain data parallel); use launcher=ddp")
     if l.name == "deepspeed":
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
-            raise UserError("launcher=deepspeed needs the deepspeed package: pip install deepspeed")
+            raise UserError("launcher=deepspeed needs the deepspeed package: pip install 'finetune[deepspeed]'")
     if l.num_processes is None:
         if device != "cuda":
             raise UserError(f"launcher={l.name} on the CPU: set launcher.num_processes (no GPUs to count)")

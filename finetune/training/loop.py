@@ -46,12 +46,14 @@ from finetune.run.directory import RunDir
 from finetune.tasks import build_task
 from finetune.training import checkpoint, tracking
 from finetune.training.distributed import any_rank, broadcast_object
+from finetune.training.fsdp import FSDP
 from finetune.training.launch import warn_if_not_launched
 from finetune.training.optimizer import make_optimizer
-from finetune.training.parallel import Parallel, for_launcher
+from finetune.training.parallel import Parallel
 from finetune.training.resume import Start, abandon, open_run, resume_command
 from finetune.training.schedule import apply_restart, make_scheduler
 from finetune.training.signals import StopSignals
+from finetune.training.zero3 import Zero3
 
 # --------------------------------------------------------------------------------------------
 # One accumulation window
@@ -144,7 +146,8 @@ def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str |
     reset_peak_memory(device)
     start_time = time.time()
     stop = StopSignals(escalate=not in_launched_process()).install()
-    session = Session(cfg, accelerator, for_launcher(cfg, accelerator), run, start, stop, device, quiet)
+    parallel = {"fsdp": FSDP, "deepspeed": Zero3}.get(cfg.launcher.name, Parallel)(accelerator, cfg)
+    session = Session(cfg, accelerator, parallel, run, start, stop, device, quiet)
     failure = None
     try:
         tracking.start(accelerator, cfg, run.path)
@@ -208,7 +211,7 @@ def set_up(s: Session) -> None:
     s.saver = checkpoint.Checkpointer(s.run.path, cfg, s.parallel, s.model, s.adapter, s.optimizer,
                                       s.scheduler)
     if resumed:  # optimizer, LR schedule, RNG; the data position is the step number
-        checkpoint.restore_training(resumed, s.model, s.optimizer, s.scheduler, s.accelerator.process_index)
+        checkpoint.restore_training(resumed, s.parallel, s.model, s.adapter, s.optimizer, s.scheduler)
         s.step, s.tokens_seen, s.saver.last = resumed.step, resumed.tokens_seen, resumed.path
         s.say(f"resumed from {resumed.path} at step {s.step}")
 

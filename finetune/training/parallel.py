@@ -2,7 +2,7 @@
 one process or data parallel (DDP), fully sharded data parallel (FSDP2, ``finetune.training.fsdp``)
 and DeepSpeed ZeRO-3 (``finetune.training.zero3``). The loop talks to a :class:`Parallel` only:
 
-    parallel = for_launcher(cfg, accelerator)
+    parallel = FSDP(accelerator, cfg)                            # or Parallel (DDP), Zero3
     model, optimizer = parallel.prepare(model, adapter, make_optimizer)  # wrap or shard, then optimize
     with parallel.forward_context():  loss = ...                 # autocast where nothing else does it
     with parallel.no_sync(model):     parallel.backward(loss)    # micro-batches before the last
@@ -19,10 +19,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
-from finetune.errors import UserError
-
-SHARDED = ("fsdp", "deepspeed")
 
 
 class Parallel:
@@ -104,19 +100,64 @@ class Parallel:
         a collective for the sharded kinds, so every rank calls it in the same order."""
         return tensor.detach().cpu()
 
+    # -- checkpoints: each rank writes and reads the part of each tensor it holds ----------------
+    def whole_shape(self, tensor: torch.Tensor) -> tuple[int, ...]:
+        return tuple(tensor.shape)
 
-def for_launcher(cfg, accelerator) -> Parallel:
-    """The :class:`Parallel` for ``launcher.name``: ``none`` and ``ddp`` share the data-parallel
-    one (with one process it is a plain model)."""
-    name = cfg.launcher.name
-    if name == "fsdp":
-        from finetune.training.fsdp import FSDP
+    def local_range(self, tensor: torch.Tensor) -> tuple[int, int]:
+        """(start, length): the elements of ``tensor`` (row-major) this rank holds."""
+        return 0, tensor.numel()
 
-        return FSDP(accelerator, cfg)
-    if name == "deepspeed":
-        from finetune.training.zero3 import Zero3
+    def piece(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """(flat elements, start) of ``tensor`` for this rank to write; None: another rank writes
+        them (replicated tensors are written once, by rank 0)."""
+        if self.process_index != 0:
+            return None
+        return tensor.detach().reshape(-1), 0
 
-        return Zero3(accelerator, cfg)
-    if name not in ("none", "ddp"):
-        raise UserError(f"launcher.name={name!r}: allowed: none, ddp, fsdp, deepspeed")
-    return Parallel(accelerator, cfg)
+    def from_range(self, flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """This rank's elements of a tensor (read back from pieces) as a tensor laid out like ``like``."""
+        return flat.reshape(like.shape).to(device=like.device, dtype=like.dtype)
+
+    def optimizer_pieces(self, optimizer, named: dict) -> dict:
+        """This rank's pieces of the optimizer state of the parameters ``named``, keyed
+        ``<name>/<state key>`` (AdamW: ``exp_avg``, ``exp_avg_sq``, ``step``)."""
+        state = _raw(optimizer).state
+        out = {}
+        for name, param in named.items():
+            for key, value in state.get(param, {}).items():
+                piece = self.piece(value) if torch.is_tensor(value) else None
+                if piece is not None:
+                    out[f"{name}/{key}"] = (*piece, tuple(self.whole_shape(value)))
+        return out
+
+    def load_optimizer(self, optimizer, named: dict, pieces) -> None:
+        """Set the optimizer state of the parameters ``named`` from ``pieces``
+        (finetune.run.checkpoints.Pieces), each rank reading the elements it holds."""
+        state = _raw(optimizer).state
+        saved = _state_keys(pieces)
+        for name, param in named.items():
+            if name not in saved:
+                continue
+            entry = {}
+            for key in saved[name]:
+                full = f"{name}/{key}"
+                if pieces.shapes[full] == tuple(self.whole_shape(param)):  # moments: laid out like the parameter
+                    start, length = self.local_range(param)
+                    entry[key] = self.from_range(pieces.range(full, start, length), param)
+                else:  # the step count
+                    entry[key] = pieces.whole(full)
+            state[param] = entry
+
+
+def _raw(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+
+
+def _state_keys(pieces) -> dict[str, list[str]]:
+    """``{parameter name: [state keys]}`` of an optimizer's pieces."""
+    out: dict[str, list[str]] = {}
+    for full in pieces.names():
+        name, _, key = full.rpartition("/")
+        out.setdefault(name, []).append(key)
+    return out

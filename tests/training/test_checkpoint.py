@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from finetune.errors import RunInterrupted, TrainingError, UserError
 from finetune.run import checkpoints
-from finetune.training import checkpoint
 from finetune.training.loop import train
 from finetune.training.resume import plan
 
@@ -31,6 +30,11 @@ def config(run_dir, *overrides):
 
 def weights(path):
     return load_file(str(path))
+
+
+def checkpoint_weights(path):
+    pieces = checkpoints.Pieces(path, checkpoints.WEIGHTS)
+    return {name: pieces.whole(name) for name in pieces.names()}
 
 
 def assert_same(a: dict, b: dict, atol=0.0):
@@ -49,10 +53,11 @@ def status(run_dir):
 
 
 def write_fake(root: Path, step: int) -> Path:
-    files = checkpoint.checkpoint_files(step, {"w": torch.ones(2)}, {"method": "lora"},
-                                        ({}, {"param_groups": [], "scalars": {}}), [checkpoint.rng_state()],
-                                        {}, {}, "a: 1\n")
-    return checkpoints.write(root, step, *files)
+    tmp = checkpoints.begin(root, step)
+    if tmp is None:
+        return checkpoints.step_dir(root, step)
+    checkpoints.write_pieces(tmp, checkpoints.WEIGHTS, 0, {"w": (torch.ones(2), 0, (2,))})
+    return checkpoints.finish(root, step, tmp, {}, {"state.json": json.dumps({"step": step}), "config.yaml": "a: 1\n"})
 
 
 def test_checkpoints_are_complete_or_invisible(tmp_path):
@@ -66,7 +71,7 @@ def test_checkpoints_are_complete_or_invisible(tmp_path):
     no_marker = write_fake(root, 10)
     (no_marker / checkpoints.MARKER).unlink()
     truncated = write_fake(root, 12)
-    with open(truncated / checkpoints.WEIGHTS, "r+b") as f:
+    with open(checkpoints.piece_file(truncated, checkpoints.WEIGHTS, 0), "r+b") as f:
         f.truncate(10)
     assert checkpoints.latest(tmp_path).name == "step-6"
     checkpoints.prune(root, keep=2)
@@ -77,8 +82,7 @@ def test_checkpoints_are_complete_or_invisible(tmp_path):
 
 def test_no_pickle_in_a_checkpoint(tmp_path):
     path = write_fake(tmp_path / "checkpoints", 1)
-    assert sorted(p.suffix for p in path.iterdir()) == ["", ".json", ".json", ".safetensors",
-                                                         ".safetensors", ".safetensors", ".yaml"]
+    assert sorted(p.suffix for p in path.iterdir()) == ["", ".json", ".safetensors", ".yaml"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,8 +102,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, method):
     # ReMoRA triggers at steps 2 and 4: step-3 holds a merged base and type-2 layers.
     train(config(tmp_path / "b", *common, f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'step-3'}"),
           quiet=True)
-    assert_same(weights(tmp_path / "a" / "checkpoints" / "step-4" / "weights.safetensors"),
-                weights(tmp_path / "b" / "checkpoints" / "step-4" / "weights.safetensors"))
+    assert_same(checkpoint_weights(tmp_path / "a" / "checkpoints" / "step-4"),
+                checkpoint_weights(tmp_path / "b" / "checkpoints" / "step-4"))
     assert_same(weights(tmp_path / "a" / "adapter.safetensors"), weights(tmp_path / "b" / "adapter.safetensors"))
     info = json.loads((tmp_path / "b" / "run.json").read_text())
     assert info["status"] == "finished" and info["resumed_from"].endswith("step-3")

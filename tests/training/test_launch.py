@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from finetune.config.compose import compose
 from finetune.errors import UserError
-from finetune.training.launch import accelerate_args, child_args, plan_processes
+from finetune.training.launch import accelerate_args, child_args, config_file, plan_processes
 from finetune.training.loop import accumulate_gradients, train
 
 from conftest import OneProcess, tiny_config
@@ -36,8 +36,9 @@ def env():
 
 @pytest.mark.parametrize("overrides,expect", [
     (["launcher=ddp", "launcher.num_processes=2"], {"multi_gpu": True, "num_processes": 2}),
-    (["launcher=fsdp", "launcher.num_processes=8"], {"use_fsdp": True, "fsdp_version": "2"}),
-    (["launcher=deepspeed", "launcher.num_processes=8"], {"use_deepspeed": True, "zero_stage": 3}),
+    # finetune shards itself: the launch is the same plain multi-process one for every launcher
+    (["launcher=fsdp", "launcher.num_processes=8"], {"multi_gpu": True, "use_fsdp": False}),
+    (["launcher=deepspeed", "launcher.num_processes=8"], {"multi_gpu": True, "use_deepspeed": False}),
     (["launcher=ddp", "launcher.num_processes=16", "launcher.num_machines=2", "launcher.machine_rank=1",
       "launcher.main_process_ip=10.0.0.1", "output_dir=/shared/run"],
      {"num_machines": 2, "machine_rank": 1, "main_process_ip": "10.0.0.1", "num_processes": 16}),
@@ -54,15 +55,20 @@ def test_accelerate_accepts_the_generated_arguments(overrides, expect):
     assert parsed.training_script_args == ["train", "model=tiny", "-q"]
 
 
-def test_fsdp_and_deepspeed_are_refused_on_the_cpu():
-    cfg = compose(["model=tiny", "launcher=fsdp", "launcher.num_processes=2"])
-    with pytest.raises(UserError, match="launcher=fsdp needs CUDA GPUs .* use launcher=ddp"):
-        plan_processes(cfg, "cpu", 0)
+def test_process_counts_and_launch_configs(tmp_path):
     with pytest.raises(UserError, match="set launcher.num_processes"):
-        plan_processes(compose(["model=tiny", "launcher=ddp"]), "cpu", 0)
+        plan_processes(compose(["model=tiny", "launcher=fsdp"]), "cpu", 0)
     with pytest.raises(UserError, match="this machine has 2 GPU"):
         plan_processes(compose(["model=tiny", "launcher=ddp", "launcher.num_processes=4"]), "cuda", 2)
     assert plan_processes(compose(["model=tiny", "launcher=ddp"]), "cuda", 8) == 8
+    assert plan_processes(compose(["model=tiny", "launcher=fsdp", "launcher.num_processes=2"]), "cpu", 0) == 2
+    mine = tmp_path / "accelerate.yaml"
+    mine.write_text("distributed_type: FSDP\nnum_processes: 2\n")
+    cfg = compose(["model=tiny", "launcher=ddp", "launcher.num_processes=2", f"launcher.config_file={mine}"])
+    with pytest.raises(UserError, match="distributed_type FSDP is not used; finetune shards itself: set launcher=fsdp"):
+        config_file(cfg.launcher)
+    mine.write_text("distributed_type: MULTI_GPU\n")
+    assert config_file(cfg.launcher) == str(mine)
 
 
 # --------------------------------------------------------------------------------------------

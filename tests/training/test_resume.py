@@ -14,7 +14,7 @@ from finetune.environment import process_identity
 from finetune.errors import RunInterrupted, TrainingError, UserError
 from finetune.run import checkpoints
 from finetune.run.directory import RunDir
-from finetune.training.checkpoint import checkpoint_files, rng_state
+from finetune.training.checkpoint import checkpoint_texts
 from finetune.training.resume import Start, abandon, begin, decide_output_dir, find_checkpoint, plan, resume_command
 
 from conftest import tiny_config
@@ -33,10 +33,11 @@ def make_run(path, status, steps=(), **overrides):
     run.create(to_yaml(cfg), [], overwrite=False)
     run.update(status=status, pid=2**22 + 7, host="elsewhere-" + str(os.getpid()))
     for step in steps:
-        files = checkpoint_files(step, {"w": torch.zeros(1)}, {"method": "lora"},
-                                 ({}, {"param_groups": [], "scalars": {}}), [rng_state()], {},
+        tmp = checkpoints.begin(run.checkpoints, step)
+        checkpoints.write_pieces(tmp, checkpoints.WEIGHTS, 0, {"w": (torch.zeros(1), 0, (1,))})
+        texts = checkpoint_texts(step, {"method": "lora"}, {"param_groups": []}, [], {},
                                  {"tokens_seen": 0, "num_processes": 1, "global_batch": 2}, to_yaml(cfg))
-        checkpoints.write(run.checkpoints, step, *files)
+        checkpoints.finish(run.checkpoints, step, tmp, {}, texts)
     return run.path
 
 
