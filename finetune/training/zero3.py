@@ -70,6 +70,9 @@ class Zero3(Parallel):
         config = deepspeed_config(self.cfg, self.num_processes, self.device.type)
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                           dist_init_required=False)
+        if getattr(engine, "managed_gradient_accumulation", lambda: True)():
+            raise UserError(f"launcher=deepspeed: deepspeed {deepspeed.__version__} cannot leave gradient accumulation "
+                            "to finetune (managed_gradient_accumulation); pip install 'finetune[deepspeed]'")
         self.engine = engine
         return engine, ds_optimizer
 
@@ -133,7 +136,7 @@ class Zero3(Parallel):
             if not (hasattr(param, "ds_id") and param.requires_grad):
                 continue
             start, length = self.local_range(param)
-            state = self._flat_state(optimizer, param)
+            state = optimizer.optimizer.state[self._flat(optimizer, param)]
             for key, value in state.items():
                 if key == "step":
                     if self.process_index == 0:
@@ -153,18 +156,21 @@ class Zero3(Parallel):
             if name not in saved or not hasattr(param, "ds_id"):
                 continue
             start, length = self.local_range(param)
-            state = self._flat_state(optimizer, param)
+            flat = self._flat(optimizer, param)
+            state = optimizer.optimizer.state[flat]  # empty before the first step: AdamW makes it lazily
             for key in saved[name]:
                 if key == "step":
-                    state["step"] = pieces.whole(f"{name}/step").reshape(()).to(state["step"])
+                    state["step"] = pieces.whole(f"{name}/step").reshape(()).float()
                     continue
+                state.setdefault(key, torch.zeros_like(flat))
                 local = torch.zeros(param.ds_tensor.ds_numel, dtype=torch.float32, device=param.ds_tensor.device)
                 if length:
                     local[:length] = pieces.range(f"{name}/{key}", start, length)
                 safe_set_local_optimizer_state(param, local, key)
 
     @staticmethod
-    def _flat_state(optimizer, param) -> dict:
-        """The client optimizer's state of the fp32 partition group that holds ``param``."""
+    def _flat(optimizer, param) -> torch.Tensor:
+        """The flat fp32 partition (of its group) that holds ``param``'s part: what the client
+        optimizer updates and keeps its state for."""
         group = optimizer.grad_position[optimizer.get_param_id(param)][0]
-        return optimizer.optimizer.state[optimizer.fp32_partitioned_groups_flat[group]]
+        return optimizer.fp32_partitioned_groups_flat[group]
