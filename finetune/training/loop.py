@@ -217,7 +217,7 @@ def set_up(s: Session) -> None:
 
 
 def _count_params(s: Session) -> None:
-    s.params = s.adapter.summary(s.base_params)
+    s.params = {"base_params": s.base_params, **s.adapter.summary(s.base_params)}
     p = s.params
     s.say(f"{s.cfg.method.name}: {p['trainable_params']:,} trainable / {p['stored_params']:,} stored "
           f"parameters ({p['trainable_pct_of_base']:.3f}% of the {s.base_params:,}-parameter base)")

@@ -16,6 +16,7 @@ DeepSpeed would compile on the CPU is not used (plain gloo is).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -68,6 +69,9 @@ class Zero3(Parallel):
         adapter.set_sharded()
         optimizer = make_optimizer()
         config = deepspeed_config(self.cfg, self.num_processes, self.device.type)
+        # DeepSpeed reads LOCAL_RANK (at start-up and in its forward hooks), which only a launcher
+        # sets; a process of one without a launcher is local rank 0.
+        os.environ.setdefault("LOCAL_RANK", "0")
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                           dist_init_required=False)
         if getattr(engine, "managed_gradient_accumulation", lambda: True)():

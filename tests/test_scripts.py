@@ -1,0 +1,23 @@
+"""The GPU acceptance script runs its checks end to end (on the CPU with the tiny model, --smoke),
+so that the one GPU run it is meant for does not fail on a bug of its own."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_smoke(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--smoke", "--out",
+                           str(tmp_path / "check")], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "check.json").read_text())["results"]
+    names = [r["check"] for r in results]
+    assert len(names) == 15 and all(r["ok"] for r in results)
+    assert {"bf16 vblora", "4bit mora6", "8bit lora", "fsdp x1 full", "deepspeed x1 lora"} <= set(names)
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in results)
