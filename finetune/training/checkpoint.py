@@ -181,8 +181,7 @@ class Checkpointer:
                 error = f"{type(e).__name__}: {first_line(e)}"
         errors = [e for e in gather_objects(p, error) if e]
         meta = {"method": self.adapter.method, "settings": self.adapter.settings}
-        info = {"tokens_seen": tokens_seen, "num_processes": p.num_processes, "global_batch": self.global_batch,
-                "launcher": p.name}
+        info = {"tokens_seen": tokens_seen, "num_processes": p.num_processes, "global_batch": self.global_batch}
 
         def complete():
             if not tmp:

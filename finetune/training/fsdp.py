@@ -59,9 +59,6 @@ def is_sharded(tensor) -> bool:
 
 
 class FSDP(Parallel):
-    name = "fsdp"
-    sharded = True
-
     def prepare(self, model, adapter, make_optimizer):
         ensure_process_group(self.device)
         broadcast_trainable(model)

@@ -25,9 +25,6 @@ class Parallel:
     """One process, or data parallel through Accelerate (every rank holds the whole model; the
     gradients are averaged by DDP)."""
 
-    name = "ddp"
-    sharded = False  # parameters are split over the ranks
-
     def __init__(self, accelerator, cfg=None):
         self.accelerator = accelerator
         self.cfg = cfg

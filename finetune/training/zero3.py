@@ -54,9 +54,6 @@ def _skip_shm_op() -> None:
 
 
 class Zero3(Parallel):
-    name = "deepspeed"
-    sharded = True
-
     def prepare(self, model, adapter, make_optimizer):
         try:
             import deepspeed
