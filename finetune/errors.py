@@ -5,6 +5,8 @@
 * :class:`TrainingError`: a run that cannot go on (e.g. a non-finite loss). One line, exit code 1.
 * :class:`RunInterrupted`: a run stopped by a signal after saving a checkpoint. One line (where the
   checkpoint is, how to continue), exit code 128 + the signal number.
+
+What is accepted but probably not meant gets one line too, on stderr: :func:`warn`.
 """
 
 
@@ -26,6 +28,17 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr, from the main process only: something was accepted, but
+    probably not what was meant."""
+    import sys
+
+    from finetune.environment import is_main_process
+
+    if is_main_process():
+        print(f"finetune: warning: {message}", file=sys.stderr, flush=True)
 
 
 def first_line(e: BaseException) -> str:

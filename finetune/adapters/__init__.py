@@ -11,7 +11,7 @@ import importlib
 import json
 from pathlib import Path
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 METHODS = ("full", "lora", "mora", "vblora")
 WEIGHTS_FILE = "adapter.safetensors"
@@ -53,7 +53,15 @@ def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise UserError(f"{directory}: no {META_FILE} here; expected a finetune run or adapter directory")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not readable JSON ({e}); the adapter description is damaged") from None
+    if not isinstance(meta, dict) or meta.get("method") not in METHODS or not isinstance(meta.get("settings"), dict):
+        method = meta.get("method") if isinstance(meta, dict) else None
+        raise UserError(f"{path}: names method {method!r}, which finetune does not have (allowed: {', '.join(METHODS)}), "
+                        "or has no settings; the adapter description is damaged")
+    return meta
 
 
 def load_adapter(model, directory: str | Path):
@@ -62,6 +70,10 @@ def load_adapter(model, directory: str | Path):
 
     meta = read_meta(directory)
     adapter = attach(model, meta["method"], meta["settings"])
-    state = load_file(str(Path(directory) / WEIGHTS_FILE))
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors reports a damaged file with its own error types
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(e)}); the adapter is damaged") from None
     adapter.load_state_dict(state)
     return adapter

@@ -228,15 +228,41 @@ def find_targets(model: nn.Module, targets) -> list[str]:
     return names
 
 
+def check_rank(rank: int, shapes: dict[str, tuple[int, int]], key: str = "method.rank") -> None:
+    """A rank above min(in, out) of a layer buys parameters that cannot raise the rank of its ΔW:
+    refused when that holds for every adapted layer, a warning when for some."""
+    from finetune.errors import warn
+
+    over = {name: min(kd) for name, kd in shapes.items() if rank > min(kd)}
+    if over and len(over) == len(shapes):
+        widest = max(min(kd) for kd in shapes.values())
+        raise UserError(f"{key}={rank} is wider than every adapted layer (ΔW of a layer has rank at most "
+                        f"min(in, out), {widest} at most here); use {key} <= {widest}")
+    if over:
+        name, width = next(iter(over.items()))
+        warn(f"{key}={rank} exceeds min(in, out) of {len(over)} of {len(shapes)} adapted layers (e.g. {name}: "
+             f"{width}); their ΔW cannot use the extra rank")
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def inject(model: nn.Module, targets, make_layer: Callable[[str, nn.Module], AdapterLayer]
+def inject(model: nn.Module, targets, make_layer: Callable[[str, nn.Module], AdapterLayer], rank: int | None = None
            ) -> dict[str, AdapterLayer]:
-    """Freeze the model, wrap every targeted module with ``make_layer(name, module)``."""
+    """Freeze the model, wrap every targeted module with ``make_layer(name, module)``; ``rank``: the
+    method's rank, checked against the targeted layers' sizes (:func:`check_rank`)."""
+    if rank is not None:
+        shapes = {}
+        for name in find_targets(model, targets):
+            try:
+                shapes[name] = layer_shape(model.get_submodule(name))[:2]
+            except UserError:
+                continue  # an unsupported layer: make_layer says so, in the method's words
+        if shapes:
+            check_rank(rank, shapes)
     for p in model.parameters():
         p.requires_grad_(False)
     for module in model.modules():
@@ -246,8 +272,12 @@ def inject(model: nn.Module, targets, make_layer: Callable[[str, nn.Module], Ada
         if _is_bnb(module) == "4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     layers = {}
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for name in find_targets(model, targets):
         module = model.get_submodule(name)
+        if embeddings is not None and getattr(module, "weight", None) is getattr(embeddings, "weight", 0):
+            raise UserError(f"method.targets selects {name}, whose weight is tied to the input embeddings "
+                            "(tie_word_embeddings): an adapter there would change both; leave it out of the targets")
         layer = make_layer(name, module)
         layer.train(module.training)  # a new wrapper inherits the train/eval mode of what it wraps
         replace_module(model, name, layer)

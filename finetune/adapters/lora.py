@@ -114,7 +114,7 @@ def attach(model: nn.Module, rank: int = 8, alpha: float = 16.0, rslora: bool = 
                 raise UserError(f"ReLoRA merges into the base weights every {relora_every} steps, which the "
                                 f"quantized layer {name} cannot hold; load the model unquantized or set "
                                 "method.relora_every=0")
-    layers = inject(model, targets, lambda name, m: LoraLayer(m, rank, alpha, rslora, dropout, init))
+    layers = inject(model, targets, lambda name, m: LoraLayer(m, rank, alpha, rslora, dropout, init), rank)
     settings = dict(rank=rank, alpha=alpha, rslora=rslora, dropout=dropout, init=init, targets=targets,
                     relora_every=relora_every, relora_warmup=relora_warmup,
                     relora_reset_optimizer=relora_reset_optimizer)

@@ -479,7 +479,7 @@ def attach(model: nn.Module, rank: int = 4, num_vectors: int = 256, vector_lengt
     setattr(model, BANK_ATTR, nn.Parameter(bank))
 
     layers = inject(model, targets, lambda name, m: VBLoraLayer(m, model, rank, vector_length, topk, dropout,
-                                                                init_logits_std))
+                                                                init_logits_std), rank)
     getattr(model, BANK_ATTR).requires_grad_(True)  # inject froze every parameter of the model
     settings = dict(rank=rank, num_vectors=num_vectors, vector_length=vector_length, topk=topk,
                     dropout=dropout, init_logits_std=init_logits_std, init_bank_bound=init_bank_bound,

@@ -6,6 +6,7 @@ settings. Each rule raises a UserError naming the key and what is allowed.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -69,13 +70,20 @@ def _check_keys(cfg) -> None:
 
 def validate(cfg) -> None:
     """Check value ranges and cross-field rules; raise UserError with one line naming the key."""
+    _finite(cfg)
     for key in ["trainer.max_steps", "trainer.lr", "trainer.batch_size", "trainer.grad_accum",
                 "method.rank", "task.num_pairs", "task.max_length", "trainer.log_every",
                 "task.eval_batch_size", "task.max_new_tokens"]:
         _positive(cfg, key)
     for key in ["trainer.warmup_steps", "trainer.save_every", "trainer.eval_every",
-                "trainer.max_grad_norm", "trainer.weight_decay", "method.alpha", "trainer.loss_chunk"]:
+                "trainer.max_grad_norm", "trainer.weight_decay", "trainer.loss_chunk"]:
         _positive(cfg, key, allow_zero=True)
+    if cfg.method is not None and cfg.method.get("alpha") is not None and cfg.method.alpha <= 0:
+        raise UserError(f"method.alpha={cfg.method.alpha}: must be > 0 (LoRA scales its update by alpha/rank: "
+                        "with alpha 0 the update stays zero and nothing trains)")
+    seed = cfg.trainer.seed
+    if not 0 <= seed < 2**32:
+        raise UserError(f"trainer.seed={seed}: must be in [0, 2^32 - 1] (what the random generators accept)")
     if cfg.method is None or cfg.task is None:
         raise UserError("config needs a method and a task (e.g. method=lora task=memorize)")
     _check_keys(cfg)
@@ -102,10 +110,38 @@ def validate(cfg) -> None:
         raise UserError("model.tokenizer is empty: a random-init model needs a tokenizer (e.g. bytes)")
     _validate_task(cfg)
     if cfg.method.name != "full" and "targets" in cfg.method:
-        t = cfg.method.targets
-        if not (isinstance(t, str) or (hasattr(t, "__len__") and len(t) > 0)):
-            raise UserError("method.targets is empty: list module names (e.g. [q_proj,v_proj]), "
-                            "a regex string, or all-linear")
+        _check_targets("method.targets", cfg.method.targets)
+
+
+def _check_targets(key: str, targets) -> None:
+    """Module names (a non-empty list), ``all-linear``, or a regular expression that compiles."""
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise UserError(f"{key}={targets!r}: not a valid regular expression ({e}); give module names as a "
+                                "list, e.g. [q_proj,v_proj], a regex, or all-linear") from None
+        return
+    if not (hasattr(targets, "__len__") and len(targets) > 0):
+        raise UserError(f"{key} is empty: list module names (e.g. [q_proj,v_proj]), a regex string, or all-linear")
+
+
+def _finite(cfg) -> None:
+    """NaN and infinity are accepted by the float type but by no setting."""
+    import math
+
+    from omegaconf import OmegaConf
+
+    def walk(node, prefix):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            where = f"{prefix}.{key}" if isinstance(node, dict) else f"{prefix}[{key}]"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{where.lstrip('.')}={value}: must be a finite number")
+            walk(value, where)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
 
 
 def _validate_task(cfg) -> None:
@@ -113,6 +149,8 @@ def _validate_task(cfg) -> None:
     for key in ["task.eval_limit", "task.num_proc", "task.data.limit"]:
         _positive(cfg, key)
     _positive(cfg, "task.eval_holdout", allow_zero=True)
+    if isinstance(cfg.task.get("train_modules"), str):
+        _check_targets("task.train_modules", cfg.task.train_modules)
     if cfg.task.name == "pretrain" and cfg.model.init != Init.random:
         raise UserError(f"task=pretrain trains a model from scratch, but model={cfg.model.name} is pretrained: "
                         "set model.init=random (or pick model=smollm2-16m-random), or use task=cpt "

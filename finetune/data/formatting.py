@@ -51,6 +51,19 @@ def completion_row(tokenizer, prompt: str, completion: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def text_field(value, field: str, where: str, empty_ok: bool = False) -> str:
+    """A record's text field as a string: lists, numbers, objects and (unless ``empty_ok``) empty
+    or missing values are refused in one line naming the record and the field."""
+    if value is None and empty_ok:
+        return ""
+    if not isinstance(value, str):
+        shown = "null" if value is None else f"{type(value).__name__} {str(value)[:40]}"
+        raise UserError(f"{where}: {field!r} must be text, not {shown}")
+    if not value.strip() and not empty_ok:
+        raise UserError(f"{where}: {field!r} is empty")
+    return value
+
+
 def check_messages(messages, where: str) -> list[dict]:
     """Messages as ``[{"role", "content"}]`` with known roles and at least one assistant turn."""
     if not isinstance(messages, list) or not messages:
@@ -62,7 +75,8 @@ def check_messages(messages, where: str) -> list[dict]:
                             + (f"; it has {', '.join(m)}" if isinstance(m, dict) else ""))
         if m["role"] not in ROLES:
             raise UserError(f"{where}: message {i} has role {m['role']!r}; allowed: {', '.join(ROLES)}")
-        out.append({"role": m["role"], "content": "" if m["content"] is None else str(m["content"])})
+        content = text_field(m["content"], f"messages[{i}].content", where, empty_ok=m["role"] != "assistant")
+        out.append({"role": m["role"], "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise UserError(f"{where}: the conversation has no assistant message, so nothing to learn")
     return out

@@ -110,6 +110,9 @@ def _load_local(src: Source, fields, num_proc):
     files = [f for f in local_files(src) if f.stat().st_size > 0]  # empty files hold no records
     if not files:
         raise UserError(f"{src.where}: the dataset is empty (no records)")
+    for f in files:
+        if KINDS[f.suffix.lower()] in ("json", "text", "csv"):
+            check_utf8(f, src.key)
     parts = []
     for kind in sorted({KINDS[f.suffix.lower()] for f in files}):
         group = [f for f in files if KINDS[f.suffix.lower()] == kind]
@@ -174,6 +177,28 @@ def _diagnose(src: Source, files: list[Path], error: Exception) -> str:
     text = str(error.__cause__ or error).strip() or type(error).__name__
     where = files[0] if len(files) == 1 else src.path
     return f"{src.key}: {where}: cannot read the records ({text.splitlines()[0]})"
+
+
+def check_utf8(path: Path, key: str, chunk: int = 1 << 20) -> None:
+    """Text data must be UTF-8 (the reader would otherwise fail later, or keep broken strings): a
+    one-line error with the line and byte of the first invalid sequence."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset, lines = 0, 1
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                bad = e.start if e.start < len(data) else len(data)
+                line = lines + data[:bad].count(b"\n")
+                raise UserError(f"{key}: {path}:{line}: not UTF-8 text (byte {offset + bad}: "
+                                f"{data[bad:bad + 4]!r}); save the file as UTF-8") from None
+            if not data:
+                return
+            offset, lines = offset + len(data), lines + data.count(b"\n")
 
 
 def json_fields(path: Path) -> tuple[str, ...]:

@@ -98,6 +98,8 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
         raise UserError(f"--base {base}: allowed: {', '.join(MERGE_BASES)}")
     run = RunDir(run_dir)
     out = Path(out).expanduser().resolve() if out else run.merged
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory; choose another")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"--out {out}: exists and is not a merged model written by finetune; choose another")
     cfg = run.config()

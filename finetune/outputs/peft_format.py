@@ -499,6 +499,10 @@ def export_run(run_dir: str | Path, format: str = "peft", out: str | Path | None
     if not (Path(run_dir) / RUN_CONFIG).is_file():
         raise UserError(f"not a finetune run directory: {run_dir} (no {RUN_CONFIG}); "
                         "`finetune export` takes the directory of a finished run")
+    target = Path(out).expanduser().resolve()
+    if target == Path(run_dir).expanduser().resolve() or (target / "run.json").is_file() or (target / "COMPLETE").is_file():
+        raise UserError(f"--out {out}: a run or checkpoint directory, which export never writes into; choose a new "
+                        "directory (e.g. RUN_DIR/peft)")
     cfg = read_config(Path(run_dir))
     method = cfg.method.get("name")
     if method == "full":  # refuse before loading anything heavy

@@ -11,7 +11,7 @@ atomically and pruning old ones. What goes into a checkpoint is the training loo
       state.json              step, tokens seen, optimizer hyper-parameters, LR scheduler state
                               (including ReMoRA restarts), Python/NumPy RNG states per rank
       config.yaml             the resolved config the run was trained with
-      COMPLETE                written last: the files above with their sizes
+      COMPLETE                written last: the files above with their sizes and SHA-256
 
 **Pieces.** Rank R writes ``weights.R.safetensors`` and ``optimizer.R.safetensors`` with the part of
 each tensor it holds: a contiguous range of the tensor's elements in row-major order, stored flat,
@@ -24,8 +24,9 @@ the model's size, and any rank of any later run reads exactly the range it needs
 A checkpoint is written into ``checkpoints/.tmp-step-N-<pid>`` (every rank into the same one, on
 storage all ranks share) and renamed to ``step-N`` by the main process once every file and then the
 marker are on disk, so a kill at any moment leaves either no ``step-N`` or a complete one; a
-``step-N`` whose marker or files do not match is never used. No pickle anywhere: tensors are
-safetensors, everything else JSON or YAML.
+``step-N`` whose marker or files do not match is never used: listing checks the sizes, resuming the
+checksums (:func:`damaged_file`). No pickle anywhere: tensors are safetensors, everything else JSON
+or YAML.
 """
 
 from __future__ import annotations
@@ -57,17 +58,47 @@ def step_number(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _listed(path: Path) -> dict[str, tuple[int, str | None]]:
+    """The marker's files: {name: (size, sha256 or None for markers written before checksums)}."""
+    files = json.loads((Path(path) / MARKER).read_text())["files"]
+    return {name: (entry, None) if isinstance(entry, int) else (int(entry["size"]), entry.get("sha256"))
+            for name, entry in files.items()}
+
+
 def is_complete(path: Path) -> bool:
-    """A ``step-N`` directory whose marker lists files that all exist with the listed sizes."""
+    """A ``step-N`` directory whose marker lists files that all exist with the listed sizes (cheap:
+    what listing runs needs; :func:`damaged_file` reads the bytes)."""
     path = Path(path)
     if step_number(path) is None or not (path / MARKER).is_file():
         return False
     try:
-        files = json.loads((path / MARKER).read_text())["files"]
         return all((path / name).is_file() and (path / name).stat().st_size == size
-                   for name, size in files.items())
+                   for name, (size, _) in _listed(path).items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def damaged_file(path: Path) -> str | None:
+    """None when checkpoint ``path`` is complete and every file has the checksum its marker
+    records; else the name of the first file that does not (``COMPLETE``: no valid marker)."""
+    path = Path(path)
+    if not is_complete(path):
+        return MARKER
+    for name, (_, sha) in sorted(_listed(path).items()):
+        if sha is not None and file_digest(path / name) != sha:
+            return name
+    return None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -114,18 +145,23 @@ def begin(root: Path, step: int) -> Path | None:
     return tmp
 
 
-def finish(root: Path, step: int, tmp: Path, tensors: dict[str, dict], texts: dict[str, str]) -> Path:
+def finish(root: Path, step: int, tmp: Path, tensors: dict[str, dict], texts: dict[str, str],
+           digests: dict[str, str] | None = None) -> Path:
     """Main process, once every rank's pieces are in ``tmp``: write ``tensors`` (file name → its
-    tensors) and ``texts`` (file name → text), then the marker, and rename ``tmp`` to ``step-N``."""
+    tensors) and ``texts`` (file name → text), then the marker with every file's size and SHA-256
+    (``digests``: those the ranks computed of the files they wrote), and rename ``tmp`` to ``step-N``."""
     from safetensors.torch import save_file
 
     for name, content in tensors.items():
         save_file(content, str(tmp / name), metadata={"format": "pt"})
     for name, text in texts.items():
         (tmp / name).write_text(text)
-    files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    for name in files:
-        _fsync(tmp / name)
+    digests = dict(digests or {})
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        _fsync(path)
+        files[path.name] = {"size": path.stat().st_size,
+                            "sha256": digests.get(path.name) or file_digest(path)}
     (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}) + "\n")
     _fsync(tmp / MARKER)
     final = step_dir(root, step)

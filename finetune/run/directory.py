@@ -20,11 +20,12 @@ import os
 import time
 from pathlib import Path
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+OUTPUT_FILES = ("adapter.safetensors", "adapter.json")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -45,7 +46,13 @@ def read_run(path: Path) -> dict:
     path = Path(path)
     if not is_run(path):
         raise UserError(f"{path}: not a finetune run directory (no {RUN_FILE})")
-    return json.loads((path / RUN_FILE).read_text())
+    try:
+        info = json.loads((path / RUN_FILE).read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path / RUN_FILE}: not readable JSON ({e}); the run directory is damaged") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path / RUN_FILE}: not a run record (a JSON object); the run directory is damaged")
+    return info
 
 
 def read_config(path: Path):
@@ -55,7 +62,10 @@ def read_config(path: Path):
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise UserError(f"{path}: not a finetune run directory (no {CONFIG_FILE})")
-    return OmegaConf.load(path / CONFIG_FILE)
+    try:
+        return OmegaConf.load(path / CONFIG_FILE)
+    except Exception as e:  # YAML errors of several kinds
+        raise UserError(f"{path / CONFIG_FILE}: not readable YAML ({first_line(e)}); the run directory is damaged") from None
 
 
 class RunDir:
@@ -88,6 +98,30 @@ class RunDir:
 
     def write_config(self, config_yaml: str) -> None:
         write_atomic(self.path / CONFIG_FILE, config_yaml)
+
+    # the trained weights' checksums, recorded in run.json when the run finishes
+    def output_files(self) -> list[Path]:
+        """What later commands read the trained model from: the adapter and a base the run saved."""
+        files = [self.path / name for name in OUTPUT_FILES]
+        return [f for f in files if f.is_file()] + sorted(self.base.glob("*.safetensors"))
+
+    def digests(self) -> dict[str, str]:
+        from finetune.run.checkpoints import file_digest
+
+        return {str(f.relative_to(self.path)): file_digest(f) for f in self.output_files()}
+
+    def check_files(self) -> None:
+        """The trained weights are as the run wrote them: every file whose checksum run.json
+        records matches it (runs written before checksums are not checked)."""
+        from finetune.run.checkpoints import file_digest
+
+        for name, sha in (self.info().get("files") or {}).items():
+            path = self.path / name
+            if not path.is_file():
+                raise UserError(f"{path}: missing; the run directory is damaged")
+            if file_digest(path) != sha:
+                raise UserError(f"{path}: does not match the checksum run.json records (changed or damaged since "
+                                "the run finished)")
 
     def update(self, **fields) -> dict:
         info = self.info() if is_run(self.path) else {}
@@ -126,8 +160,12 @@ class RunDir:
         """Claim the directory for a new run (the rules of :meth:`claim_mode`)."""
         if self.claim_mode(overwrite) == "overwrite":
             self._clear()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.write_config(config_yaml)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.write_config(config_yaml)
+        except OSError as e:  # a read-only or full disk, a file in the way
+            raise UserError(f"output_dir={self.path}: cannot write there ({e.strerror or e}); choose another "
+                            "output_dir") from None
         self.update(status="running", overrides=list(overrides), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     **info)
 

@@ -23,6 +23,11 @@ def evaluate_path(path: str | Path, overrides: list[str] = (), config_dir: str |
     path = Path(path).expanduser().resolve()
     if is_run(path):
         info = read_run(path)
+        changes = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in ("model", "method")]
+        if changes:
+            raise UserError(f"{changes[0]}: `finetune eval RUN` evaluates the model the run trained (model and method "
+                            "as it recorded them); overrides may choose the task and its settings, trainer.device, ...; "
+                            "to evaluate another model, pass its directory")
         cfg = compose(list(info.get("overrides", [])) + list(overrides),
                       config_dir or info.get("config_dir"))
         device = device_type(cfg.trainer)

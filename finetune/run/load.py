@@ -28,6 +28,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", original_base: bool = Fal
     info = read_run(run.path)
     if not (run.path / adapters.WEIGHTS_FILE).is_file():
         raise UserError(f"{run.path}: the run has no trained weights yet (status: {info.get('status')})")
+    run.check_files()
     cfg = run.config()
     base_dir = str(run.base) if run.base.is_dir() else None
     model_cfg = cfg.model.copy()

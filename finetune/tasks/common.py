@@ -34,6 +34,9 @@ def eval_source(cfg, hub_names: dict | None = None) -> Source | None:
 
 def holdout_split(n: int, holdout: int, where: str) -> tuple[range, range]:
     """(training, held-out) index ranges: the last ``holdout`` of ``n`` rows are held out."""
+    if holdout == 0:
+        raise UserError("task.eval_holdout=0 and no task.eval_path: nothing is held out to evaluate on; set "
+                        "task.eval_holdout to a number of records, or give held-out data with task.eval_path")
     if holdout >= n:
         raise UserError(f"task.eval_holdout={holdout} would hold out all {n} examples of {where}; lower "
                         "it, or give held-out data with task.eval_path")

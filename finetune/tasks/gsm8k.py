@@ -33,7 +33,7 @@ import re
 from fractions import Fraction
 
 from finetune.data.examples import load_examples
-from finetune.data.formatting import alpaca_prompt, completion_row, prompt_ids
+from finetune.data.formatting import alpaca_prompt, completion_row, prompt_ids, text_field
 from finetune.data.sources import Source, fingerprint, is_local, load_records, require_fields
 from finetune.errors import UserError
 from finetune.tasks.common import data_source, eval_source, finish, first, holdout_split
@@ -145,8 +145,8 @@ class Task:
         q_field, a_field = FIELDS[self.source_format]
         out = {"input_ids": [], "labels": []}
         for question, answer, i in zip(batch[q_field], batch[a_field], indices):
-            if not question or not answer:
-                raise UserError(f"{self.source.where}: record {i} has an empty {q_field!r} or {a_field!r}")
+            where = f"{self.source.where} record {i}"
+            question, answer = text_field(question, q_field, where), text_field(answer, a_field, where)
             row = completion_row(self.tokenizer, self.prompt(question, self.source_format),
                                  self.target(answer, self.source_format))
             out["input_ids"].append(row["input_ids"])
@@ -198,13 +198,15 @@ class Task:
         q_field, a_field = FIELDS[fmt]
         items = []
         for i, (question, answer) in enumerate(zip(records[q_field], records[a_field])):
+            at = f"{where} record {i}"
+            question, answer = text_field(question, q_field, at), text_field(answer, a_field, at)
             if fmt == "gsm8k":
-                gold = gold_answer(str(answer), f"{where} record {i}")
+                gold = gold_answer(answer, at)
             else:
-                gold = extract_answer(str(answer))
+                gold = extract_answer(answer)
                 if gold is None:
-                    raise UserError(f"{where} record {i}: the response has no 'The answer is' line")
-            items.append((self.prompt(str(question), fmt), gold))
+                    raise UserError(f"{at}: the response has no 'The answer is' line")
+            items.append((self.prompt(question, fmt), gold))
         return items
 
     # -- metric --------------------------------------------------------------------------------

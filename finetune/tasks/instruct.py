@@ -21,19 +21,27 @@ on ``task.eval_path`` or the last ``task.eval_holdout`` records.
 from __future__ import annotations
 
 from finetune.data.examples import load_examples
-from finetune.data.formatting import alpaca_prompt, chat_row, check_messages, completion_row, plain_chat_row
+from finetune.data.formatting import (
+    alpaca_prompt,
+    chat_row,
+    check_messages,
+    completion_row,
+    plain_chat_row,
+    text_field,
+)
 from finetune.data.sources import fingerprint, load_records
 from finetune.errors import UserError
 from finetune.tasks.common import data_source, eval_source, finish, first, holdout_split
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: text fields checked (null chat content, lists refused)
 DEFAULT_DATA = "yahma/alpaca-cleaned"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 
 
 def record_kind(fields, where: str) -> str:
-    """``chat``, ``sharegpt`` or ``alpaca``, from the records' fields."""
+    """``chat``, ``sharegpt`` or ``alpaca``, from the fields a record has (a record's fields with a
+    value, or the columns of a dataset)."""
     fields = list(fields)
     if "messages" in fields:
         return "chat"
@@ -45,13 +53,18 @@ def record_kind(fields, where: str) -> str:
                     f"'output' (Alpaca); fields present: {', '.join(fields) or '(none)'}")
 
 
+def kind_of(record: dict, where: str) -> str:
+    """One record's kind, from its fields that have a value: a file may mix kinds, and its columns
+    are the union of theirs (the others' fields come as null)."""
+    return record_kind([k for k, v in record.items() if v is not None], where)
+
+
 def to_messages(record: dict, kind: str, where: str) -> list[dict]:
     """A record as chat messages (checked)."""
     if kind == "alpaca":
-        user = str(record["instruction"] or "").strip()
-        extra = str(record.get("input") or "").strip()
+        user, extra, output = alpaca_fields(record, where)
         messages = [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
-                    {"role": "assistant", "content": str(record["output"] or "")}]
+                    {"role": "assistant", "content": output}]
     elif kind == "sharegpt":
         turns = record["conversations"]
         if not isinstance(turns, list):
@@ -65,6 +78,13 @@ def to_messages(record: dict, kind: str, where: str) -> list[dict]:
     else:
         messages = record["messages"]
     return check_messages(messages, where)
+
+
+def alpaca_fields(record: dict, where: str) -> tuple[str, str, str]:
+    """(instruction, input, output) of an Alpaca record, each text (input may be empty or missing)."""
+    return (text_field(record["instruction"], "instruction", where).strip(),
+            text_field(record.get("input"), "input", where, empty_ok=True).strip(),
+            text_field(record["output"], "output", where))
 
 
 class Task:
@@ -90,11 +110,8 @@ class Task:
     # -- formatting ----------------------------------------------------------------------------
     def row(self, record: dict, kind: str, where: str) -> dict:
         if kind == "alpaca" and not self.template:
-            output = str(record["output"] or "")
-            if not output.strip():
-                raise UserError(f"{where}: the 'output' is empty, so nothing to learn")
-            prompt = alpaca_prompt(str(record["instruction"] or "").strip(), str(record.get("input") or "").strip())
-            return completion_row(self.tokenizer, prompt, output)
+            instruction, extra, output = alpaca_fields(record, where)
+            return completion_row(self.tokenizer, alpaca_prompt(instruction, extra), output)
         messages = to_messages(record, kind, where)
         if self.template:
             return chat_row(self.tokenizer, messages, where)
@@ -104,10 +121,10 @@ class Task:
         """The batched formatting function for ``datasets.map`` over records from ``where``."""
 
         def to_rows(batch: dict, indices: list[int]) -> dict:
-            kind = record_kind(batch, where)
             out = {"input_ids": [], "labels": []}
             for i, values in zip(indices, zip(*batch.values())):
-                row = self.row(dict(zip(batch, values)), kind, f"{where} record {i}")
+                record, at = dict(zip(batch, values)), f"{where} record {i}"
+                row = self.row(record, kind_of(record, at), at)
                 out["input_ids"].append(row["input_ids"])
                 out["labels"].append(row["labels"])
             return out

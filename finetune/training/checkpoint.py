@@ -7,6 +7,7 @@ restored from it. The data position needs no file: the example stream is a funct
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -171,15 +172,19 @@ class Checkpointer:
         p = self.parallel
         tmp = on_main(p, lambda: str(checkpoints.begin(self.root, step) or ""))
         rng_states = gather_objects(p, rng_state())
-        error = None
+        error, digests = None, {}
         if tmp:
             named = training_tensors(p, self.model, self.adapter)
             try:
-                checkpoints.write_pieces(Path(tmp), WEIGHTS, p.process_index, _pieces_of(p, named))
-                checkpoints.write_pieces(Path(tmp), OPTIMIZER, p.process_index, p.optimizer_pieces(self.optimizer, named))
+                for path in (checkpoints.write_pieces(Path(tmp), WEIGHTS, p.process_index, _pieces_of(p, named)),
+                             checkpoints.write_pieces(Path(tmp), OPTIMIZER, p.process_index,
+                                                      p.optimizer_pieces(self.optimizer, named))):
+                    if path is not None:  # each rank checksums its own files, all at once
+                        digests[path.name] = checkpoints.file_digest(path)
             except Exception as e:  # reported by the main process below, so no rank is left waiting
                 error = f"{type(e).__name__}: {first_line(e)}"
-        errors = [e for e in gather_objects(p, error) if e]
+        written = gather_objects(p, (error, digests))
+        errors = [e for e, _ in written if e]
         meta = {"method": self.adapter.method, "settings": self.adapter.settings}
         info = {"tokens_seen": tokens_seen, "num_processes": p.num_processes, "global_batch": self.global_batch}
 
@@ -192,7 +197,8 @@ class Checkpointer:
             rng_tensors, rng_records = _split_rng(rng_states)
             texts = checkpoint_texts(step, meta, {"param_groups": optimizer_groups(self.optimizer)}, rng_records,
                                      self.scheduler.state_dict(), info, self.config_yaml)
-            path = checkpoints.finish(self.root, step, Path(tmp), {RNG: rng_tensors}, texts)
+            all_digests = {name: sha for _, d in written for name, sha in d.items()}
+            path = checkpoints.finish(self.root, step, Path(tmp), {RNG: rng_tensors}, texts, all_digests)
             checkpoints.prune(self.root, self.keep)
             return str(path)
 
@@ -230,9 +236,22 @@ def restore_weights(ckpt: Loaded, model, adapter) -> None:
     if meta.get("method") != adapter.method:
         raise UserError(f"trainer.resume={ckpt.path}: the checkpoint is a {meta.get('method')} run, "
                         f"this config trains {adapter.method}")
-    pieces = checkpoints.Pieces(ckpt.path, WEIGHTS)
-    state = {name: pieces.whole(name) for name in pieces.names()}
+    with _readable(ckpt):
+        pieces = checkpoints.Pieces(ckpt.path, WEIGHTS)
+        state = {name: pieces.whole(name) for name in pieces.names()}
     load_training_tensors(state, model, adapter, meta.get("settings") or {})
+
+
+@contextlib.contextmanager
+def _readable(ckpt: Loaded):
+    """A checkpoint file that cannot be read (one written before checksums, damaged since) is one line."""
+    try:
+        yield
+    except (UserError, KeyError):
+        raise
+    except Exception as e:
+        raise UserError(f"trainer.resume={ckpt.path}: cannot read the checkpoint ({first_line(e)}); resume from an "
+                        "earlier checkpoint") from None
 
 
 def restore_training(ckpt: Loaded, parallel, model, adapter, optimizer, scheduler) -> None:
@@ -241,7 +260,9 @@ def restore_training(ckpt: Loaded, parallel, model, adapter, optimizer, schedule
     from safetensors.torch import load_file
 
     named = training_tensors(parallel, model, adapter)
-    parallel.load_optimizer(optimizer, named, checkpoints.Pieces(ckpt.path, OPTIMIZER))
+    with _readable(ckpt):
+        parallel.load_optimizer(optimizer, named, checkpoints.Pieces(ckpt.path, OPTIMIZER))
+        rng = load_file(str(ckpt.path / RNG))
     load_optimizer_groups(optimizer, ckpt.state["optimizer"]["param_groups"])
     scheduler.load_state_dict(dict(ckpt.state["scheduler"]))
-    set_rng_state(_join_rng(load_file(str(ckpt.path / RNG)), ckpt.state["rng"], parallel.process_index))
+    set_rng_state(_join_rng(rng, ckpt.state["rng"], parallel.process_index))

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from finetune.environment import in_launched_process
-from finetune.errors import UserError
+from finetune.errors import UserError, warn
 from finetune.models.device import device_type, mixed_precision
 from finetune.training.distributed import free_port
 from finetune.training.resume import RUN_DIR_ENV, decide_output_dir, plan
@@ -30,11 +30,9 @@ MULTI_NODE_PORT = 29500
 
 def warn_if_not_launched(cfg) -> None:
     """``finetune.training.loop.train`` called directly (a sweep, a script) trains in this one process."""
-    import sys
-
     if cfg.launcher.name != "none" and not in_launched_process() and (cfg.launcher.num_processes or 1) > 1:
-        print(f"finetune: warning: launcher={cfg.launcher.name} is not applied here: this run trains in one "
-              "process (`finetune train` launches several)", file=sys.stderr, flush=True)
+        warn(f"launcher={cfg.launcher.name} is not applied here: this run trains in one process "
+             "(`finetune train` launches several)")
 
 
 # --------------------------------------------------------------------------------------------

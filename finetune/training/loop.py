@@ -187,6 +187,10 @@ def set_up(s: Session) -> None:
     # merge can re-quantize it exactly as here or use the original weights (`merge --base original`).
     save_base = s.run.base if (s.main and cfg.model.init == "random") else None
     model = load_model(cfg.model, s.device, dtype=base_dtype(cfg, s.device), save_base=save_base)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and cfg.task.get("max_length") and cfg.task.max_length > context:
+        raise UserError(f"task.max_length={cfg.task.max_length} is longer than model={cfg.model.name}'s context of "
+                        f"{context} positions (max_position_embeddings); use task.max_length <= {context}")
     s.base_params = count_params(model)
     s.adapter = adapters.attach(model, cfg.method.name, method_settings(cfg))
     # Base modules the task trains in full next to the adapter (pretraining: embeddings, norms,
@@ -219,6 +223,10 @@ def set_up(s: Session) -> None:
 def _count_params(s: Session) -> None:
     s.params = {"base_params": s.base_params, **s.adapter.summary(s.base_params)}
     p = s.params
+    if s.cfg.method.name != "full" and p["trainable_params"] > s.base_params:
+        raise UserError(f"method={s.cfg.method.name} with these settings trains {p['trainable_params']:,} parameters, "
+                        f"more than the whole {s.base_params:,}-parameter model has; lower method.rank (or use "
+                        "method=full)")
     s.say(f"{s.cfg.method.name}: {p['trainable_params']:,} trainable / {p['stored_params']:,} stored "
           f"parameters ({p['trainable_pct_of_base']:.3f}% of the {s.base_params:,}-parameter base)")
     if s.full:
@@ -243,10 +251,10 @@ def run_steps(s: Session) -> None:
                  for idx in stream.micro_batches(s.step, t.batch_size, t.grad_accum, rank, world)]
         s.loss, tokens_step = accumulate_gradients(s.model, micro, s.parallel, t.loss_chunk)
         if not math.isfinite(s.loss):
-            last_good = (f"; the last good checkpoint {s.saver.last} stays (continue from it with "
-                         "trainer.resume=auto)") if s.saver.last else ""
+            kept = (f"; the newest checkpoint ({s.saver.last}) stays: continue from it, with a lower trainer.lr, "
+                    f"by {resume_command(s.start.overrides, s.start.run_dir)}") if s.saver.last else ""
             raise TrainingError(f"loss became {s.loss} at step {s.step + 1}; lower trainer.lr or check the "
-                                f"data{last_good}")
+                                f"data{kept}")
         lr = s.optimizer.param_groups[0]["lr"]
         grad_norm = s.parallel.step(s.optimizer, trainable, t.max_grad_norm)
         s.scheduler.step()
@@ -293,6 +301,7 @@ def finish(s: Session) -> dict:
             if s.main:  # the base the adapter now belongs to (load_run prefers it)
                 s.adapter.save_base(s.run.base)
     if s.main:
+        summary["files"] = s.run.digests()  # later commands check the weights against these
         s.run.log({"step": t.max_steps, "eval": metrics})
         s.tokenizer.save_pretrained(s.run.tokenizer)
         s.say(f"{s.task.metric} = {metrics[s.task.metric]:.4f}  ({_fmt(metrics)})")

@@ -29,13 +29,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.config.compose import flatten, to_container, to_yaml
 from finetune.environment import in_launched_process, process_alive
-from finetune.errors import RunInterrupted, UserError, first_line
+from finetune.errors import RunInterrupted, UserError, first_line, warn
 from finetune.run import checkpoints
 from finetune.run.directory import METRICS_FILE, RunDir, default_output_dir, is_run, write_atomic
 from finetune.training.distributed import on_main
@@ -71,16 +70,36 @@ class Start:
 # --------------------------------------------------------------------------------------------
 
 
-def find_checkpoint(value: str) -> Path:
-    """``trainer.resume=PATH``: a complete checkpoint, or a run directory (its newest one)."""
+def newest_sound(run_dir: Path, warnings: list[str]) -> Path | None:
+    """The run's newest complete checkpoint whose files match their checksums; a damaged newer one
+    is skipped with a warning (and left as it is)."""
+    for ckpt in reversed(checkpoints.complete_checkpoints(run_dir)):
+        damaged = checkpoints.damaged_file(ckpt)
+        if damaged is None:
+            return ckpt
+        warnings.append(f"checkpoint {ckpt} is damaged ({damaged} does not match its recorded checksum) and is "
+                        "skipped")
+    return None
+
+
+def find_checkpoint(value: str, warnings: list[str]) -> Path:
+    """``trainer.resume=PATH``: a complete checkpoint that verifies, or a run directory (its newest
+    one that verifies)."""
     path = Path(value).expanduser().resolve()
     if checkpoints.is_complete(path):
+        damaged = checkpoints.damaged_file(path)
+        if damaged is not None:
+            raise UserError(f"trainer.resume={value}: the checkpoint is damaged: {damaged} does not match its recorded "
+                            "checksum; resume from another checkpoint or from the run directory (its newest sound one)")
         return path
     if path.is_dir() and (is_run(path) or (path / checkpoints.DIR).is_dir()):
-        newest = checkpoints.latest(path)
-        if newest is None:
+        if not checkpoints.complete_checkpoints(path):
             raise UserError(f"trainer.resume={value}: the run has no complete checkpoint "
                             "(trainer.save_every=N writes them)")
+        newest = newest_sound(path, warnings)
+        if newest is None:
+            raise UserError(f"trainer.resume={value}: every checkpoint of the run is damaged (its files do not "
+                            "match their recorded checksums)")
         return newest
     if path.name.startswith("step-") and path.is_dir():
         raise UserError(f"trainer.resume={value}: an incomplete checkpoint (its save was interrupted); "
@@ -101,7 +120,7 @@ def decide_output_dir(cfg) -> Path:
     chosen = chosen or cfg.output_dir
     resume = cfg.trainer.resume
     if not chosen and resume not in (None, "auto"):
-        chosen = checkpoint_run(find_checkpoint(resume))
+        chosen = checkpoint_run(find_checkpoint(resume, []))
     if not chosen:
         chosen = default_output_dir(cfg.task.name, cfg.method.name)
     return Path(chosen).expanduser().resolve()
@@ -118,20 +137,24 @@ def plan(cfg, run_dir: Path, num_processes: int) -> Start:
                         "or replace it, not both")
     if info is not None and status == "running":
         _refuse_if_in_use(run.path, info)
-    ckpt = None
+    ckpt, found = None, []  # found: warnings about damaged checkpoints
     if t.resume == "auto":
         if status == "finished":
             raise UserError(f"output_dir={run.path} already holds a finished run; nothing to resume "
                             "(choose another output_dir, or trainer.overwrite=true without trainer.resume)")
         if info is not None:
-            ckpt = checkpoints.latest(run.path)
-            if ckpt is None:
+            if not checkpoints.complete_checkpoints(run.path):
                 return Start(str(run.path), "overwrite", warnings=[
                     f"{run.path} has no complete checkpoint; trainer.resume=auto starts it again from step 0"])
+            ckpt = newest_sound(run.path, found)
+            if ckpt is None:
+                raise UserError(f"output_dir={run.path}: every checkpoint is damaged (its files do not match their "
+                                "recorded checksums); start over with trainer.overwrite=true")
     elif t.resume is not None:
-        ckpt = find_checkpoint(t.resume)
+        ckpt = find_checkpoint(t.resume, found)
     if ckpt is not None:
         step, warnings = check_drift(cfg, ckpt, num_processes)
+        warnings = found + warnings
         if info is not None and checkpoint_run(ckpt) == run.path:
             if status == "finished":
                 raise UserError(f"output_dir={run.path} already holds a finished run; to train on from "
@@ -225,7 +248,7 @@ def open_run(cfg, state, overrides: list[str], **info) -> Start:
         cfg.output_dir = start.run_dir
         begin(start, cfg, overrides, output_dir=start.run_dir, num_processes=state.num_processes, **info)
         for message in start.warnings:
-            print(f"finetune: warning: {message}", file=sys.stderr, flush=True)
+            warn(message)
         return start
 
     start = on_main(state, decide_and_claim)

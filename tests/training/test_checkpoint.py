@@ -214,7 +214,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         train(config(run, "trainer.max_steps=8", "trainer.save_every=2"), quiet=True)
     message = str(e.value)
     assert message.startswith("loss became nan at step 5; lower trainer.lr")
-    assert f"the last good checkpoint {run / 'checkpoints' / 'step-4'} stays" in message
+    assert f"the newest checkpoint ({run / 'checkpoints' / 'step-4'}) stays: continue from it" in message
+    assert message.endswith(f"output_dir={run} trainer.resume=auto")
     assert checkpoints.latest(run).name == "step-4" and status(run) == "failed"
 
 

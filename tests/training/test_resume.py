@@ -120,15 +120,15 @@ def test_a_run_being_trained_is_refused(tmp_path):
 
 def test_find_checkpoint_messages(tmp_path):
     src = make_run(tmp_path / "src", "interrupted", steps=(2,))
-    assert find_checkpoint(str(src)) == src / "checkpoints" / "step-2"
+    assert find_checkpoint(str(src), []) == src / "checkpoints" / "step-2"
     (src / "checkpoints" / "step-6").mkdir()  # a save that was cut short: no marker
     with pytest.raises(UserError, match="an incomplete checkpoint"):
-        find_checkpoint(str(src / "checkpoints" / "step-6"))
+        find_checkpoint(str(src / "checkpoints" / "step-6"), [])
     empty = make_run(tmp_path / "empty", "interrupted")
     with pytest.raises(UserError, match="the run has no complete checkpoint"):
-        find_checkpoint(str(empty))
+        find_checkpoint(str(empty), [])
     with pytest.raises(UserError, match="not a checkpoint or run directory; allowed: auto"):
-        find_checkpoint(str(tmp_path / "nothing"))
+        find_checkpoint(str(tmp_path / "nothing"), [])
 
 
 # --------------------------------------------------------------------------------------------
