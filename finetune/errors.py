@@ -23,11 +23,13 @@ class TrainingError(Exception):
 
 
 class RunInterrupted(Exception):
-    """The run stopped on a signal after saving a checkpoint."""
+    """The run stopped on a signal; ``phase``: what it was doing (set-up, training, saving,
+    evaluation, merging). The message says what was kept and how to continue."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, phase: str = "training"):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
+        self.phase = phase
 
 
 def warn(message: str) -> None:

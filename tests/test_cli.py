@@ -39,6 +39,10 @@ def test_config_command_prints_the_resolved_config_without_torch():
     (["train", "method=nope"], "method=nope: unknown option for group 'method'; available:"),
     (["config", "trainer.lr=fast"], "trainer.lr='fast': wrong type, expected float"),
     (["merge", "/nonexistent/run"], "not a finetune run directory"),
+    # click's own usage errors get the same one-line form
+    (["bogus"], "No such command 'bogus'. (see finetune --help)"),
+    (["merge"], "Missing argument 'run_dir'. (see finetune merge --help)"),
+    (["merge", "/x", "--bogus"], "No such option: --bogus"),
 ])
 def test_user_errors_are_one_line_exit_2(args, message):
     r = run_cli(*args)

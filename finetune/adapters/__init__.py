@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 from finetune.errors import UserError, first_line
@@ -43,9 +44,14 @@ def save_adapter(adapter, directory: str | Path, meta: dict | None = None, state
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter.state_dict() if state is None else state
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "method": adapter.method})
     info = {"method": adapter.method, "settings": adapter.settings, **(meta or {})}
-    (directory / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    # Each file appears whole (written aside, then renamed): an interruption leaves the old or the new.
+    tmp = directory / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "method": adapter.method})
+    os.replace(tmp, directory / WEIGHTS_FILE)
+    tmp = directory / f".{META_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    os.replace(tmp, directory / META_FILE)
     return directory
 
 

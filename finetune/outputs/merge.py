@@ -105,22 +105,44 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     cfg = run.config()
     quant = quantized_base(cfg)
     base = "original" if not quant else (base or "dequantized")
-    stages = progress.bar(total=3, desc="merge", unit="stage", disable=quiet)
-    stages.set_postfix_str("load")
-    model, adapter, tokenizer, cfg = load_run(run.path, original_base=base == "original", stored_dtype=True)
-    stages.update(1)
-    stages.set_postfix_str("merge")
-    with torch.no_grad():
-        dequantized = dequantize_model(model)
-        # ΔW is added while writing (finetune.outputs.streaming.save_merged, below): each tensor is merged,
-        # converted to `dtype` and written on its own, so the peak stays near one copy of the model.
-    stages.update(1)
-    stages.set_postfix_str("save")
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    model.config.use_cache = True
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with progress.bar(total=3, desc="merge", unit="stage", disable=quiet) as stages:  # closed before any message
+        stages.set_postfix_str("load")
+        model, adapter, tokenizer, cfg = load_run(run.path, original_base=base == "original", stored_dtype=True)
+        stages.update(1)
+        stages.set_postfix_str("merge")
+        with torch.no_grad():
+            dequantized = dequantize_model(model)
+            # ΔW is added while writing (finetune.outputs.streaming.save_merged, below): each tensor is merged,
+            # converted to `dtype` and written on its own, so the peak stays near one copy of the model.
+        stages.update(1)
+        stages.set_postfix_str("save")
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.config.use_cache = True
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _write_merged(tmp, model, adapter, tokenizer, dtype, run, cfg, quant, base, dequantized)
+        except BaseException:  # a failure or a signal leaves no half-written model behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():  # the earlier merge steps aside only once the new one is complete
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        stages.update(1)
+    if not quiet:
+        into = f" ({base} {quant} base)" if quant else ""
+        print(f"merged {adapter.method}{into} into {out}", flush=True)
+    return out
+
+
+def _write_merged(tmp: Path, model, adapter, tokenizer, dtype: str, run, cfg, quant, base: str, dequantized: int) -> None:
+    """The merged model's files in ``tmp``: weights (streamed), tokenizer, and finetune_merge.json."""
     save_merged(model, adapter, tmp, dtype)
     tokenizer.save_pretrained(tmp)
     marker = {"run": str(run.path), "method": adapter.method, "dtype": dtype, "base_quantized": quant,
@@ -135,13 +157,3 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
                           "weights = original full-precision base + ΔW; the adapter was trained on the "
                           f"{quant} base, so this differs from the trained model by the quantization error")
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    stages.update(1)
-    stages.close()
-    if not quiet:
-        into = f" ({base} {quant} base)" if quant else ""
-        print(f"merged {adapter.method}{into} into {out}", flush=True)
-    return out

@@ -134,9 +134,9 @@ def _fsync(path: Path) -> None:
 
 
 def begin(root: Path, step: int) -> Path | None:
-    """Main process: an empty temporary directory for checkpoint ``step`` (None when a complete
-    ``step-N`` exists already: it holds the same state)."""
-    if is_complete(step_dir(root, step)):
+    """Main process: an empty temporary directory for checkpoint ``step`` (None when a sound
+    ``step-N`` exists already: it holds the same state; a damaged one is replaced)."""
+    if is_complete(step_dir(root, step)) and damaged_file(step_dir(root, step)) is None:
         return None
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step-{step}-{os.getpid()}"

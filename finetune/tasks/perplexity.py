@@ -19,14 +19,13 @@ def perplexity(model, examples, pad_id: int, device, batch_size: int = 8) -> dic
     sum over tokens does not depend on the batching."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total, tokens = 0.0, 0
-    bar = progress.bar(total=len(order), desc="eval", unit="example", leave=False)
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        total += float(causal_lm_loss_sum(model, batch))
-        tokens += count_loss_tokens(batch)
-        bar.update(min(batch_size, len(order) - start))
-    bar.close()
+    with progress.bar(total=len(order), desc="eval", unit="example", leave=False) as bar:  # closed before any message
+        for start in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            total += float(causal_lm_loss_sum(model, batch))
+            tokens += count_loss_tokens(batch)
+            bar.update(min(batch_size, len(order) - start))
     loss = total / tokens if tokens else float("nan")
     return {"perplexity": math.exp(loss) if tokens else float("nan"), "loss": loss, "tokens": tokens,
             "n": len(examples)}

@@ -42,6 +42,7 @@ from finetune.models.load import count_params, load_model
 from finetune.models.loss import causal_lm_loss_sum
 from finetune.models.tokenizer import load_tokenizer
 from finetune.outputs.merge import merge_run
+from finetune.run.checkpoints import step_number as checkpoints_step
 from finetune.run.directory import RunDir
 from finetune.tasks import build_task
 from finetune.training import checkpoint, tracking
@@ -120,6 +121,7 @@ class Session:
     step: int = 0
     tokens_seen: int = 0
     loss: float = float("nan")
+    phase: str = "set-up"  # set-up | training | saving | evaluation | merging (what a signal interrupts)
 
     @property
     def main(self) -> bool:
@@ -156,6 +158,9 @@ def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str |
             set_up(session)
             run_steps(session)
             summary = finish(session)
+    except KeyboardInterrupt:  # a signal where nothing had to be finished first: say what was kept
+        failure = _stopped(session, stop.received or signal.SIGINT)
+        raise failure from None
     except BaseException as e:
         failure = e
         raise
@@ -240,56 +245,59 @@ def run_steps(s: Session) -> None:
     """Optimizer steps from ``s.step`` to ``trainer.max_steps``: one accumulation window each, then
     logging, evaluation, checkpoints and the stop check at the step boundary."""
     t = s.cfg.trainer
+    s.phase = "training"
+    s.stop.defer()  # a signal now finishes the step and saves a checkpoint first
     stream = ExampleStream(len(s.examples), t.seed)
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
     trainable = [p for group in s.optimizer.param_groups for p in group["params"] if p.requires_grad]
     world, rank = s.parallel.num_processes, s.parallel.process_index
-    bar = progress.bar(total=t.max_steps, initial=s.step, desc="train")
-    while s.step < t.max_steps:
-        step_start = time.time()
-        micro = [collate([s.examples[i] for i in idx], pad_id)
-                 for idx in stream.micro_batches(s.step, t.batch_size, t.grad_accum, rank, world)]
-        s.loss, tokens_step = accumulate_gradients(s.model, micro, s.parallel, t.loss_chunk)
-        if not math.isfinite(s.loss):
-            kept = (f"; the newest checkpoint ({s.saver.last}) stays: continue from it, with a lower trainer.lr, "
-                    f"by {resume_command(s.start.overrides, s.start.run_dir)}") if s.saver.last else ""
-            raise TrainingError(f"loss became {s.loss} at step {s.step + 1}; lower trainer.lr or check the "
-                                f"data{kept}")
-        lr = s.optimizer.param_groups[0]["lr"]
-        grad_norm = s.parallel.step(s.optimizer, trainable, t.max_grad_norm)
-        s.scheduler.step()
-        s.step += 1
-        apply_restart(s.adapter.on_optimizer_step(s.step), s.optimizer, s.scheduler)
+    with progress.bar(total=t.max_steps, initial=s.step, desc="train") as bar:  # closed before any message
+        while s.step < t.max_steps:
+            step_start = time.time()
+            micro = [collate([s.examples[i] for i in idx], pad_id)
+                     for idx in stream.micro_batches(s.step, t.batch_size, t.grad_accum, rank, world)]
+            s.loss, tokens_step = accumulate_gradients(s.model, micro, s.parallel, t.loss_chunk)
+            if not math.isfinite(s.loss):
+                kept = (f"; the newest checkpoint ({s.saver.last}) stays: continue from it, with a lower trainer.lr, "
+                        f"by {resume_command(s.start.overrides, s.start.run_dir)}") if s.saver.last else ""
+                raise TrainingError(f"loss became {s.loss} at step {s.step + 1}; lower trainer.lr or check the "
+                                    f"data{kept}")
+            lr = s.optimizer.param_groups[0]["lr"]
+            grad_norm = s.parallel.step(s.optimizer, trainable, t.max_grad_norm)
+            s.scheduler.step()
+            s.step += 1
+            apply_restart(s.adapter.on_optimizer_step(s.step), s.optimizer, s.scheduler)
+            s.tokens_seen += tokens_step
+            tps = tokens_step / max(time.time() - step_start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            _after_step(s, bar, lr, grad_norm, tps)
 
-        s.tokens_seen += tokens_step
-        tps = tokens_step / max(time.time() - step_start, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-        if s.main and (s.step % t.log_every == 0 or s.step == t.max_steps):
-            s.run.log({"step": s.step, "loss": s.loss, "lr": lr, "tokens_per_s": tps, "tokens": s.tokens_seen,
-                       "grad_norm": grad_norm, "time": time.time()})
-        if t.eval_every and s.step % t.eval_every == 0 and s.step < t.max_steps:
-            metrics = _evaluate(s)
-            if s.main:
-                s.run.log({"step": s.step, "eval": metrics})
-                if not s.quiet:
-                    bar.write(f"step {s.step}: " + _fmt(metrics))
-        if t.save_every and (s.step % t.save_every == 0 or s.step == t.max_steps):
-            s.saver.save(s.step, s.tokens_seen)
-        if any_rank(s.accelerator, s.stop.received is not None):
-            raise _interrupted(s, s.saver.save(s.step, s.tokens_seen))
-    bar.close()
-    s.stop.abort_on_next()  # from here on (evaluation, saving, merging) a signal stops at once
+
+def _after_step(s: Session, bar, lr: float, grad_norm: float | None, tps: float) -> None:
+    """At the step boundary: the log record, an evaluation, a checkpoint, a stop request."""
+    t = s.cfg.trainer
+    if s.main and (s.step % t.log_every == 0 or s.step == t.max_steps):
+        s.run.log({"step": s.step, "loss": s.loss, "lr": lr, "tokens_per_s": tps, "tokens": s.tokens_seen,
+                   "grad_norm": grad_norm, "time": time.time()})
+    if t.eval_every and s.step % t.eval_every == 0 and s.step < t.max_steps:
+        metrics = _evaluate(s)
+        if s.main:
+            s.run.log({"step": s.step, "eval": metrics})
+            if not s.quiet:
+                bar.write(f"step {s.step}: " + _fmt(metrics))
+    if t.save_every and (s.step % t.save_every == 0 or s.step == t.max_steps):
+        s.saver.save(s.step, s.tokens_seen)
+    if any_rank(s.accelerator, s.stop.received is not None):
+        s.saver.save(s.step, s.tokens_seen)
+        raise _stopped(s, s.stop.received)
 
 
 def finish(s: Session) -> dict:
-    """Evaluate → save the adapter (and a base the run changed), the tokenizer → merge; returns the
-    summary for run.json."""
+    """Save the adapter (and a base the run changed) and the tokenizer → evaluate → merge; returns
+    the summary for run.json. The weights are saved first, so that no signal loses the training."""
     cfg, t = s.cfg, s.cfg.trainer
-    metrics = _evaluate(s)
-    summary = {"final_loss": s.loss, "steps": t.max_steps, "tokens_seen": s.tokens_seen,
-               "metric": s.task.metric, "metrics": metrics, "params": s.params,
-               "peak_memory_mb": peak_memory_mb(s.device), "environment": environment_info(s.device)}
+    s.phase = "saving"  # signals wait until the weights are on disk
     # Every tensor whole (gathered one by one from the shards, on every rank), written by the main process.
     whole = {name: s.parallel.full_tensor(p) for name, p in s.adapter.named_trainable()}
     if s.main:
@@ -301,12 +309,24 @@ def finish(s: Session) -> dict:
             if s.main:  # the base the adapter now belongs to (load_run prefers it)
                 s.adapter.save_base(s.run.base)
     if s.main:
-        summary["files"] = s.run.digests()  # later commands check the weights against these
-        s.run.log({"step": t.max_steps, "eval": metrics})
         s.tokenizer.save_pretrained(s.run.tokenizer)
+        s.run.update(files=s.run.digests())  # later commands check the weights against these
+    if any_rank(s.accelerator, s.stop.received is not None):
+        raise _stopped(s, s.stop.received)
+
+    s.phase = "evaluation"
+    s.stop.abort_on_next()  # nothing is lost by stopping from here on
+    metrics = _evaluate(s)
+    summary = {"final_loss": s.loss, "steps": t.max_steps, "tokens_seen": s.tokens_seen,
+               "metric": s.task.metric, "metrics": metrics, "params": s.params,
+               "peak_memory_mb": peak_memory_mb(s.device), "environment": environment_info(s.device)}
+    if s.main:
+        s.run.log({"step": t.max_steps, "eval": metrics})
         s.say(f"{s.task.metric} = {metrics[s.task.metric]:.4f}  ({_fmt(metrics)})")
         s.say(f"run directory: {s.run.path}")
         if t.merge:
+            s.phase = "merging"
+            s.run.update(metric=s.task.metric, metrics=metrics)  # kept should the merge be interrupted
             out = merge_run(s.run.path, quiet=s.quiet)
             summary["merged"] = str(out)
             s.say(f"merged model:  {out}")
@@ -315,11 +335,25 @@ def finish(s: Session) -> dict:
     return summary
 
 
-def _interrupted(s: Session, path) -> RunInterrupted:
-    """The exception that ends a run stopped by a signal, once its checkpoint is written."""
-    sig = s.stop.received or signal.SIGTERM  # another rank may have received it
-    hint = f"; continue with: {resume_command(s.start.overrides, s.start.run_dir)}" if s.main else ""
-    return RunInterrupted(f"interrupted by {sig.name} after step {s.step}; checkpoint saved in {path}{hint}", sig)
+def _stopped(s: Session, sig) -> RunInterrupted:
+    """The one-line end of a run stopped by a signal in ``s.phase``: what was kept, how to continue."""
+    sig = signal.Signals(sig or signal.SIGTERM)  # another rank may have received it
+    run = s.run.path
+    if s.phase == "set-up":
+        what = "during set-up, before any training step; nothing new was kept; run the same command again"
+    elif s.phase == "training":
+        kept = s.saver.last if s.saver else None
+        again = resume_command(s.start.overrides, s.start.run_dir)
+        what = (f"after step {s.step}; checkpoint saved in {kept}; continue with: {again}" if kept and
+                checkpoints_step(kept) == s.step else
+                f"during step {s.step + 1}; " + (f"the newest checkpoint {kept} stays; continue with: {again}"
+                                                 if kept else "no checkpoint was written; run the same command again"))
+    elif s.phase in ("saving", "evaluation"):
+        what = (f"after training all {s.step} steps; the trained weights are saved in {run}; evaluate them with: "
+                f"finetune eval {run}; merge them with: finetune merge {run}")
+    else:
+        what = f"while merging; the trained weights and their metrics are saved in {run}; merge with: finetune merge {run}"
+    return RunInterrupted(f"interrupted by {sig.name} {what}", sig, s.phase)
 
 
 def _evaluate(s: Session) -> dict:

@@ -257,18 +257,19 @@ def open_run(cfg, state, overrides: list[str], **info) -> Start:
 
 
 def abandon(start: Start, error: BaseException) -> None:
-    """Main process, after the run stopped early. A signal marks it interrupted. A user mistake
-    found before any training step in a run that started from nothing leaves nothing behind (the
-    directory it made is removed, so a corrected rerun just works). Anything else is marked failed;
-    its checkpoints stay."""
+    """Main process, after the run stopped early. A user mistake or a signal before any training
+    step of a run that started from nothing leaves nothing behind (the directory it made is removed,
+    so a corrected rerun just works). Otherwise a signal marks the run interrupted (with the phase it
+    stopped in) and anything else failed; its checkpoints and saved weights stay."""
     run = start.run
-    if isinstance(error, (RunInterrupted, KeyboardInterrupt)):
+    trained = (run.path / METRICS_FILE).is_file() or checkpoints.latest(run.path) is not None
+    nothing_kept = not trained and start.mode == "new" and start.checkpoint is None
+    if isinstance(error, (RunInterrupted, KeyboardInterrupt)) and not nothing_kept:
         if is_run(run.path):
-            run.update(status="interrupted", error=None,
+            run.update(status="interrupted", error=None, phase=getattr(error, "phase", None),
                        last_checkpoint=str(checkpoints.latest(run.path) or "") or None)
         return
-    trained = (run.path / METRICS_FILE).is_file() or checkpoints.latest(run.path) is not None
-    if isinstance(error, UserError) and not trained and start.mode == "new" and start.checkpoint is None:
+    if isinstance(error, (UserError, RunInterrupted, KeyboardInterrupt)) and nothing_kept:
         if start.created:
             shutil.rmtree(run.path, ignore_errors=True)
         else:

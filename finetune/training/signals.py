@@ -1,9 +1,11 @@
-"""SIGINT / SIGTERM during training: finish the current optimizer step, save a checkpoint, stop.
+"""SIGINT / SIGTERM at any moment of a run end it with one line saying what was kept.
 
-:class:`StopSignals` turns the first SIGINT or SIGTERM into a request that the training loop sees at
-the next step boundary (every rank agrees on it, see ``finetune.training.distributed.any_rank``); a second
-signal aborts at once. :class:`finetune.errors.RunInterrupted` is what the loop raises after saving: the CLI prints
-its one-line message (where the checkpoint is, how to resume) and exits with 128 + the signal number.
+:class:`StopSignals` has two modes. Deferred (training, saving): the first SIGINT or SIGTERM becomes a
+request that the loop sees at the next step boundary (every rank agrees on it, see
+``finetune.training.distributed.any_rank``) or once the weights are saved; a second signal aborts at
+once. Abort (set-up, evaluation, merging: nothing would be lost by stopping): a signal raises
+KeyboardInterrupt at once. Either way the loop ends with :class:`finetune.errors.RunInterrupted`, whose
+message says what was kept and how to continue; the CLI prints it and exits with 128 + the signal.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class StopSignals:
     def __init__(self, escalate: bool = True):
         self.received: signal.Signals | None = None
         self._previous: dict = {}
-        self._abort = False
+        self._abort = True  # set-up: nothing to save yet
         self.escalate = escalate
 
     def install(self) -> "StopSignals":
@@ -40,11 +42,15 @@ class StopSignals:
         self._previous = {}
 
     def abort_on_next(self) -> None:
-        """From now on a signal stops at once (KeyboardInterrupt): no step boundary is coming."""
+        """From now on a signal stops at once (KeyboardInterrupt): nothing needs finishing first."""
         self._abort = True
 
+    def defer(self) -> None:
+        """From now on the first signal is a request, seen at the next step boundary or save."""
+        self._abort = False
+
     def _handle(self, signum, frame) -> None:
-        if (self.received is not None and self.escalate) or self._abort:  # a second signal, or past the loop
+        if (self.received is not None and self.escalate) or self._abort:  # a second signal, or nothing to finish
             self.received = self.received or signal.Signals(signum)
             raise KeyboardInterrupt
         self.received = self.received or signal.Signals(signum)

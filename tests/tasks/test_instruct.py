@@ -95,6 +95,14 @@ def test_record_errors(tmp_path, byte_tokenizer):
         task_for([{"messages": CHAT[1:2]}, {"messages": CHAT[1:3]}]).train_examples()
     sharegpt = task_for([{"conversations": [{"from": "human", "value": "Hi!"}, {"from": "gpt", "value": "Yo."}]}] * 2)
     assert labelled_text(byte_tokenizer, sharegpt.train_examples()[0]) == ["Yo.</s>"]
+    # one file may mix kinds: each record is read as what it is, and an error names the right one
+    alpaca = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
+    mixed = task_for([alpaca, {"messages": CHAT[1:3]}, alpaca]).train_examples()
+    assert len(mixed) == 2 and labelled_text(byte_tokenizer, mixed[0]) == ["Hi!</s>"]
+    with pytest.raises(UserError, match=r"record 1: 'messages\[1\].content' must be text, not null"):
+        task_for([alpaca, {"messages": [CHAT[1], {"role": "assistant", "content": None}]}, alpaca]).train_examples()
+    with pytest.raises(UserError, match=r"record 0: 'output' must be text, not list"):
+        task_for([{**alpaca, "output": ["a"]}, alpaca]).train_examples()
 
 
 def test_train_then_eval_reports_perplexity(tmp_path):

@@ -173,7 +173,9 @@ def test_continue_truncates_the_log_to_the_checkpoint(tmp_path):
     (UserError("bad data"), True, "failed"),
     (TrainingError("loss became nan"), False, "failed"),
     (RunInterrupted("stopped", signal.SIGTERM), True, "interrupted"),
-    (KeyboardInterrupt(), False, "interrupted"),
+    (RunInterrupted("stopped during set-up", signal.SIGINT, "set-up"), False, "removed"),
+    (KeyboardInterrupt(), False, "removed"),
+    (KeyboardInterrupt(), True, "interrupted"),
 ])
 def test_abandon(tmp_path, error, trained, expect):
     out = tmp_path / "run"
