@@ -272,3 +272,14 @@ def test_parity_with_peft_lora_logits_and_gradients(tiny_model, rslora):
         assert (ga - theirs[name].lora_A["default"].weight.grad).abs().max() <= 1e-5, name
         assert (gb - theirs[name].lora_B["default"].weight.grad).abs().max() <= 1e-5, name
         assert gb.abs().max() > 0 and ga.abs().max() > 0
+
+
+def test_a_rank_wider_than_some_layers_is_warned_about_and_than_all_refused(capsys):
+    model = nn.Sequential()
+    model.add_module("narrow", nn.Linear(8, 64))
+    model.add_module("wide", nn.Linear(64, 64))
+    attach(model, rank=16, targets=["narrow", "wide"])
+    assert "finetune: warning: method.rank=16 exceeds min(in, out) of 1 of 2 adapted layers (e.g. narrow: 8)" in \
+        capsys.readouterr().err
+    with pytest.raises(UserError, match=r"method.rank=65 is wider than every adapted layer .* use method.rank <= 64"):
+        attach(nn.Sequential(nn.Linear(64, 64)), rank=65, targets=["0"])
