@@ -92,6 +92,9 @@ def explain_hydra_error(e: Exception, overrides: List[str], config_dir: Optional
     if e.__cause__ is not None:
         msg += "\n" + str(e.__cause__).strip()
     first = msg.splitlines()[0] if msg else type(e).__name__
+    m = re.search(r'in "([^"]+\.ya?ml)", line (\d+)', msg)  # a YAML file that does not parse
+    if m:
+        return f"{m.group(1)}:{m.group(2)}: not valid YAML ({first}); fix the file or leave it out of --config-dir"
     full = re.search(r"full_key: (\S+)", msg)
     m = re.search(r"Could not (?:find|load) '(\w+)/([^']+)'", msg)
     if m and m.group(1) in GROUPS:

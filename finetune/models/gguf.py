@@ -19,7 +19,8 @@ def converted_gguf(cfg) -> str:
     src_dir = Path(resolve_path(cfg.path)).expanduser()
     gguf = src_dir / cfg.gguf_file
     if not gguf.is_file():
-        raise UserError(f"model.gguf_file={cfg.gguf_file}: not found in {src_dir}")
+        raise UserError(f"model.gguf_file={cfg.gguf_file}: not found in {src_dir} (for a Hugging Face model directory, "
+                        "set model.gguf_file=null)")
     import transformers
 
     st = gguf.stat()

@@ -39,6 +39,7 @@ def check_local(path: str, gguf_file: str | None) -> None:
         if not p.is_dir():
             raise UserError(f"model.path={path}: no such directory")
         if gguf_file and not (p / gguf_file).is_file():
-            raise UserError(f"model.gguf_file={gguf_file}: not found in {p}")
+            raise UserError(f"model.gguf_file={gguf_file}: not found in {p} (for a Hugging Face model directory, "
+                            "set model.gguf_file=null)")
         if not gguf_file and not (p / "config.json").is_file():
             raise UserError(f"model.path={path}: not a Hugging Face model directory (no config.json)")
