@@ -120,7 +120,7 @@ def evaluate(path: Path = typer.Argument(..., help="A run directory or a model d
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (the JSON result only).")):
     """Evaluate the task metric on a run (adapted model) or on any model directory."""
     from finetune import progress
-    from finetune.run.evaluate import evaluate_path
+    from finetune.inference.evaluate import evaluate_path
 
     progress.set_quiet(quiet)
     result = evaluate_path(path, list(overrides or []), config_dir)
@@ -147,6 +147,62 @@ def data(overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] =
 
     cfg = compose(absolute_paths(list(overrides or [])), config_dir)
     typer.echo(preview(cfg, rows), nl=False)
+
+
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when there is one) | cpu | cuda")
+DTYPE = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on the CPU) | float32 | bfloat16 | float16")
+FORMAT = typer.Option("auto", "--format", help="How prompts are laid out: auto (as the run's task trained), raw, "
+                                               "alpaca, chat (the chat template), tags (<|role|> lines)")
+MAX_NEW = typer.Option(256, "--max-new-tokens", help="The most tokens generated per prompt.")
+TEMPERATURE = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sampling at this temperature.")
+TOP_P = typer.Option(1.0, "--top-p", help="Sampling: the smallest set of tokens with this probability.")
+TOP_K = typer.Option(0, "--top-k", help="Sampling: the k most likely tokens only (0: all).")
+SEED = typer.Option(0, "--seed", help="Sampling: the random seed.")
+SYSTEM = typer.Option(None, "--system", help="A system message (chat and tags formats).")
+
+
+@app.command(context_settings=OVERRIDE_CTX)
+@user_errors
+def generate(path: str = typer.Argument(..., help="A run directory (merged or not), a model directory or a hub id."),
+             overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] = CONFIG_DIR,
+             prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
+             file: Optional[str] = typer.Option(None, "--file", "-f", help="Prompts: .txt (one a line) or .jsonl."),
+             out: Optional[str] = typer.Option(None, "--out", help="Write one JSON line per prompt here."),
+             fmt: str = FORMAT, max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE,
+             top_p: float = TOP_P, top_k: int = TOP_K, seed: int = SEED, system: Optional[str] = SYSTEM,
+             batch_size: int = typer.Option(8, "--batch-size", help="Prompts generated together."),
+             device: str = DEVICE, dtype: str = DTYPE,
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")):
+    """Generate completions: greedy unless --temperature, stopping at EOS; one prompt on a terminal
+    streams as it is generated."""
+    from finetune import progress
+    from finetune.inference.generate import generate_prompts
+    from finetune.models.generate import Sampling
+
+    progress.set_quiet(quiet)
+    generate_prompts(path, list(prompt or []), file, out, fmt, max_new_tokens,
+                     Sampling(temperature, top_p, top_k, seed), batch_size, device, dtype, system,
+                     list(overrides or []), config_dir, quiet)
+
+
+@app.command(context_settings=OVERRIDE_CTX)
+@user_errors
+def chat(path: str = typer.Argument(..., help="A run directory (merged or not), a model directory or a hub id."),
+         overrides: Optional[List[str]] = OVERRIDES, config_dir: Optional[str] = CONFIG_DIR,
+         system: Optional[str] = SYSTEM, fmt: str = FORMAT,
+         max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="The most tokens per answer."),
+         temperature: float = TEMPERATURE, top_p: float = TOP_P, top_k: int = TOP_K, seed: int = SEED,
+         device: str = DEVICE, dtype: str = DTYPE,
+         transcript: Optional[str] = typer.Option(None, "--transcript", help="Append every turn here as a JSON line "
+                                                                              "(messages, token ids, answer).")):
+    """Talk to a model in the terminal: /reset, /system TEXT, /exit; Ctrl-C stops an answer."""
+    from finetune import progress
+    from finetune.inference.chat import chat as run_chat
+    from finetune.models.generate import Sampling
+
+    progress.set_quiet(True)
+    run_chat(path, system, fmt, max_new_tokens, Sampling(temperature, top_p, top_k, seed), device, dtype, transcript,
+             list(overrides or []), config_dir)
 
 
 @app.command()
@@ -217,7 +273,7 @@ def list_runs(dirs: Optional[List[Path]] = typer.Argument(None, help="Folders to
         typer.echo(text_table(*runs_table(records)))
 
 
-COMMANDS = ("train", "merge", "eval", "config", "data", "export", "report", "runs")
+COMMANDS = ("train", "merge", "eval", "generate", "chat", "config", "data", "export", "report", "runs")
 
 
 def _config_fast_path(args: List[str]) -> Optional[int]:

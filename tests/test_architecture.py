@@ -15,6 +15,7 @@ LAYERS = [
     ["finetune.adapters"],
     ["finetune.tasks"],
     ["finetune.run"],
+    ["finetune.inference"],
     ["finetune.outputs"],
     ["finetune.training"],
     ["finetune.report"],

@@ -106,7 +106,7 @@ CASES = [
     # the other commands
     (["merge", "{tmp}"], "{tmp}: not a finetune run directory"),
     (["merge", "{run}", "--out", "{tmp}/empty.jsonl"], "--out {tmp}/empty.jsonl: exists and is not a directory"),
-    (["eval", "{run}", "method=lora"], "method=lora: `finetune eval RUN` evaluates the model the run trained"),
+    (["eval", "{run}", "method=lora"], "method=lora: a run is used with the model and method it trained"),
     (["export", "{run}", "--as-lora", "--out", "{run}"], "--out {run}: a run or checkpoint directory"),
     (["merge", "{run}", "--dtype", "int8"], "--dtype int8: allowed: float32, bfloat16, float16"),
     (["eval", "{tmp}"], "{tmp}: neither a finetune run directory nor a model directory (config.json)"),

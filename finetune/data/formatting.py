@@ -64,8 +64,9 @@ def text_field(value, field: str, where: str, empty_ok: bool = False) -> str:
     return value
 
 
-def check_messages(messages, where: str) -> list[dict]:
-    """Messages as ``[{"role", "content"}]`` with known roles and at least one assistant turn."""
+def check_messages(messages, where: str, answered: bool = True) -> list[dict]:
+    """Messages as ``[{"role", "content"}]`` with known roles and (``answered``: training data) at
+    least one assistant turn."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     out = []
@@ -75,9 +76,11 @@ def check_messages(messages, where: str) -> list[dict]:
                             + (f"; it has {', '.join(m)}" if isinstance(m, dict) else ""))
         if m["role"] not in ROLES:
             raise UserError(f"{where}: message {i} has role {m['role']!r}; allowed: {', '.join(ROLES)}")
-        content = text_field(m["content"], f"messages[{i}].content", where, empty_ok=m["role"] != "assistant")
+        # training data needs text to learn in every assistant turn; a conversation so far may hold an empty answer
+        content = text_field(m["content"], f"messages[{i}].content", where,
+                             empty_ok=m["role"] != "assistant" or not answered)
         out.append({"role": m["role"], "content": content})
-    if not any(m["role"] == "assistant" for m in out):
+    if answered and not any(m["role"] == "assistant" for m in out):
         raise UserError(f"{where}: the conversation has no assistant message, so nothing to learn")
     return out
 
@@ -126,6 +129,19 @@ def chat_row(tokenizer, messages: list[dict], where: str) -> dict:
             out_ids.append(eos)
             out_labels.append(eos)
     return {"input_ids": out_ids, "labels": out_labels}
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The tokens a model trained by :func:`chat_row` answers: the conversation so far through the
+    chat template, with the generation prompt (tokenized as in training)."""
+    return tokenizer(_render(tokenizer, messages, True), add_special_tokens=False)["input_ids"]
+
+
+def plain_chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The tokens a model trained by :func:`plain_chat_row` answers: the conversation so far in
+    the ``<|role|>`` layout, then ``<|assistant|>\n``."""
+    ids = plain_chat_row(tokenizer, messages)["input_ids"] if messages else tokenizer("", add_special_tokens=True)["input_ids"]
+    return ids + tokenizer("<|assistant|>\n", add_special_tokens=False)["input_ids"]
 
 
 def plain_chat_row(tokenizer, messages: list[dict]) -> dict:

@@ -88,7 +88,7 @@ def test_perplexity_of_a_known_distribution():
 
 def test_train_then_eval_reports_perplexity(tmp_path):
     from finetune.config.compose import compose
-    from finetune.run.evaluate import evaluate_path
+    from finetune.inference.evaluate import evaluate_path
     from finetune.training.loop import train
 
     corpus = tmp_path / "notes.txt"

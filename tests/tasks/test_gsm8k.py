@@ -104,7 +104,7 @@ def test_metamath_records(tmp_path, byte_tokenizer):
 
 def test_train_then_eval_reports_accuracy(tmp_path):
     from finetune.config.compose import compose
-    from finetune.run.evaluate import evaluate_path
+    from finetune.inference.evaluate import evaluate_path
     from finetune.training.loop import train
 
     train_path = write(tmp_path / "train.jsonl", gsm8k_records(8))

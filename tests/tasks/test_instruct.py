@@ -107,7 +107,7 @@ def test_record_errors(tmp_path, byte_tokenizer):
 
 def test_train_then_eval_reports_perplexity(tmp_path):
     from finetune.config.compose import compose
-    from finetune.run.evaluate import evaluate_path
+    from finetune.inference.evaluate import evaluate_path
     from finetune.training.loop import train
 
     records = [{"instruction": f"Say {w}.", "output": f"{w}!"} for w in ["yes", "no", "red", "blue", "up", "down"]]

@@ -88,7 +88,7 @@ def test_a_run_whose_base_changed_is_saved_with_its_base(tmp_path, corpus, metho
     transformers) has the adapted model's logits."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.run.evaluate import evaluate_path
+    from finetune.inference.evaluate import evaluate_path
     from finetune.run.load import load_run
 
     every = "method.remora_every=2" if method == "mora" else "method.relora_every=2"

@@ -123,7 +123,7 @@ def test_a_one_process_checkpoint_continues_sharded(engine_runs, case):
 def test_merged_and_evaluated_after_a_sharded_run(engine_runs):
     from transformers import AutoModelForCausalLM
 
-    from finetune.run.evaluate import evaluate_path
+    from finetune.inference.evaluate import evaluate_path
 
     _, root = engine_runs
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
