@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -303,6 +304,9 @@ def _config_fast_path(args: List[str]) -> Optional[int]:
 
 def main() -> None:
     args = sys.argv[1:]
+    # A hub id that cannot be fetched is reported in one line by the command; the hub client's own
+    # retry warnings would only repeat it.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     if args[:1] == ["config"]:
         code = _config_fast_path(args[1:])
         if code is not None:

@@ -91,6 +91,10 @@ CASES = [
     (["train", *TINY, "task.max_length=4000", "output_dir={out}"],
      "task.max_length=4000 is longer than model=tiny's context of 512 positions"),
     (["train", *TINY, "model.path=/does/not/exist", "output_dir={out}"], "model.path=/does/not/exist: no such directory"),
+    (["train", "model.path=/does/not/exist", "model.gguf_file=null", "output_dir={out}"],
+     "model.path=/does/not/exist: no such directory"),
+    (["train", *TINY, "model.path=nobody/no-such-model", "output_dir={out}"],
+     "model.path=nobody/no-such-model: cannot read a model config"),
     (["train", *TINY, "output_dir={tmp}/empty.jsonl/run"], "...: cannot write there"),
     # data
     (["train", *RUN, "task=gsm8k", "task.data.path={tmp}/latin.jsonl", "output_dir={out}"],

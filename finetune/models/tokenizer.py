@@ -3,9 +3,11 @@ tokenizer of a model directory, hub id or GGUF file."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from finetune.errors import UserError, first_line
 from finetune.models.gguf import converted_gguf
-from finetune.models.paths import resolve_path
+from finetune.models.paths import is_local, resolve_path
 
 BYTE_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}{% generation %}"
@@ -43,6 +45,8 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     src = converted_gguf(cfg) if (cfg.gguf_file and not cfg.tokenizer) else resolve_path(name)
+    if is_local(src) and not Path(src).expanduser().is_dir():
+        raise UserError(f"model.{'tokenizer' if cfg.tokenizer else 'path'}={name}: no such directory")
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code,
                                             revision=cfg.revision)
