@@ -209,20 +209,24 @@ def chat(path: str = typer.Argument(..., help="A run directory (merged or not), 
 @app.command()
 @user_errors
 def export(run_dir: Path = typer.Argument(..., help="A finished run directory."),
-           format: str = typer.Option("peft", "--format", help="peft"),
-           out: Path = typer.Option(..., "--out", help="Output directory."),
-           as_lora: bool = typer.Option(False, "--as-lora", help="Write the adapter as the exact peft LoRA "
+           format: str = typer.Option("peft", "--format", help="peft (the adapter) or gguf (the merged model, "
+                                                              "for llama.cpp and Ollama)."),
+           out: Path = typer.Option(..., "--out", help="peft: the output directory; gguf: the .gguf file."),
+           gguf_type: Optional[str] = typer.Option(None, "--type", help="gguf: f32, f16 (default), bf16, q8_0, "
+                                                                        "q4_0, q4_1, q5_0, q5_1."),
+           as_lora: bool = typer.Option(False, "--as-lora", help="peft: write the adapter as the exact LoRA "
                                                                 "it equals (VB-LoRA; MoRA types 1-4)."),
            quiet: bool = typer.Option(False, "--quiet", "-q", help="No messages.")):
-    """Export a run's adapter in another format (peft adapter directory for LoRA and VB-LoRA;
-    MoRA types 1-4 with --as-lora)."""
+    """Export a run: its adapter as a peft adapter directory (LoRA, VB-LoRA; MoRA types 1-4 with
+    --as-lora), or its merged model as one GGUF file for llama.cpp and Ollama."""
     from finetune import progress
-    from finetune.outputs.peft_format import export_run
+    from finetune.outputs.export import export_run
 
     progress.set_quiet(quiet)
-    path = export_run(run_dir, format, out, as_lora=as_lora)
+    path = export_run(run_dir, format, out, as_lora=as_lora, gguf_type=gguf_type)
     if not quiet:
-        typer.echo(f"exported {format} adapter to {path}")
+        what = "adapter" if format == "peft" else f"{gguf_type or 'f16'} model"
+        typer.echo(f"exported {format} {what} to {path}")
 
 
 @app.command()

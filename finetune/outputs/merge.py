@@ -83,6 +83,18 @@ def _reversible(conversion) -> bool:
 MERGE_BASES = ("dequantized", "original")
 
 
+def load_for_merge(run: RunDir, base: str | None = None):
+    """The run's base with its adapter attached, as merging needs it: ``(model, adapter, tokenizer,
+    cfg, quant, base)``. ``base`` as in :func:`merge_run`; returned resolved ("original" for a
+    full-precision run). The model is still quantized: :func:`dequantize_model` comes next."""
+    if base is not None and base not in MERGE_BASES:
+        raise UserError(f"--base {base}: allowed: {', '.join(MERGE_BASES)}")
+    quant = quantized_base(run.config())
+    base = "original" if not quant else (base or "dequantized")
+    model, adapter, tokenizer, cfg = load_run(run.path, original_base=base == "original", stored_dtype=True)
+    return model, adapter, tokenizer, cfg, quant, base
+
+
 def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "float32",
               quiet: bool = False, base: str | None = None) -> Path:
     """Merge the run's adapter into its base and write ``out`` (default ``RUN_DIR/merged``).
@@ -90,8 +102,6 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     ``base`` (quantized-base runs): ``"dequantized"`` (default) merges into the dequantized weights
     the adapter was trained against; ``"original"`` into the original full-precision weights. For
     a full-precision run both are the same weights."""
-    import torch
-
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: allowed: {', '.join(DTYPES)}")
     if base is not None and base not in MERGE_BASES:
@@ -102,18 +112,14 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
         raise UserError(f"--out {out}: exists and is not a directory; choose another")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"--out {out}: exists and is not a merged model written by finetune; choose another")
-    cfg = run.config()
-    quant = quantized_base(cfg)
-    base = "original" if not quant else (base or "dequantized")
     with progress.bar(total=3, desc="merge", unit="stage", disable=quiet) as stages:  # closed before any message
         stages.set_postfix_str("load")
-        model, adapter, tokenizer, cfg = load_run(run.path, original_base=base == "original", stored_dtype=True)
+        model, adapter, tokenizer, cfg, quant, base = load_for_merge(run, base)
         stages.update(1)
         stages.set_postfix_str("merge")
-        with torch.no_grad():
-            dequantized = dequantize_model(model)
-            # ΔW is added while writing (finetune.outputs.streaming.save_merged, below): each tensor is merged,
-            # converted to `dtype` and written on its own, so the peak stays near one copy of the model.
+        dequantized = dequantize_model(model)
+        # ΔW is added while writing (finetune.outputs.streaming.save_merged, below): each tensor is merged,
+        # converted to `dtype` and written on its own, so the peak stays near one copy of the model.
         stages.update(1)
         stages.set_postfix_str("save")
         if getattr(model.config, "quantization_config", None) is not None:

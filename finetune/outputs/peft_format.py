@@ -23,8 +23,8 @@ Any failure raises a :class:`UserError`. MoRA (no peft format; use ``finetune me
 fine-tuning are refused with one line. A VB-LoRA adapter, and a MoRA adapter of types 1–4, can be
 written as the exact LoRA it equals (``as_lora=True``; §4.10, §2.9).
 
-``export_run(run_dir, "peft", out)`` is what ``finetune export`` calls: it loads a finished run
-and exports its adapter with the run's base recorded as ``base_model_name_or_path``.
+``export_run_peft(run_dir, out)`` is what ``finetune export --format peft`` calls: it loads a
+finished run and exports its adapter with the run's base recorded as ``base_model_name_or_path``.
 
 ``import_peft(model, directory)`` attaches a LoRA or VB-LoRA adapter saved by peft (or by us) to
 ``model`` with our implementation (§6.6 items 2 and 4).
@@ -54,7 +54,6 @@ from finetune.adapters.vblora import decode_topk
 from finetune.adapters.vblora import factors_from_logits
 from finetune.models.load import source_dir
 from finetune.models.paths import is_local
-from finetune.run.directory import CONFIG_FILE as RUN_CONFIG
 from finetune.run.directory import RunDir
 from finetune.run.directory import read_config
 from finetune.run.load import load_run
@@ -472,9 +471,6 @@ def export_peft(adapter, out_dir: str | Path, base_model_name_or_path: str | Non
     return out
 
 
-FORMATS = ("peft",)
-
-
 def run_base_name(cfg, run_path: Path) -> str | None:
     """``base_model_name_or_path`` for a run: the hub id as configured, else the absolute local
     directory holding HF weights (a ``pkg:`` model resolved, a GGUF model's converted cache, a
@@ -488,21 +484,9 @@ def run_base_name(cfg, run_path: Path) -> str | None:
     return str(Path(src).expanduser().resolve()) if is_local(src) else src
 
 
-def export_run(run_dir: str | Path, format: str = "peft", out: str | Path | None = None,
-               as_lora: bool = False) -> Path:
+def export_run_peft(run_dir: str | Path, out: str | Path, as_lora: bool = False) -> Path:
     """``finetune export RUN_DIR --format peft --out DIR``: load the run's base with its trained
     adapter and write it with :func:`export_peft` (base name from :func:`run_base_name`)."""
-    if format not in FORMATS:
-        raise UserError(f"--format {format}: allowed: {', '.join(FORMATS)}")
-    if out is None:
-        raise UserError("--out is required: the directory to write the peft adapter to")
-    if not (Path(run_dir) / RUN_CONFIG).is_file():
-        raise UserError(f"not a finetune run directory: {run_dir} (no {RUN_CONFIG}); "
-                        "`finetune export` takes the directory of a finished run")
-    target = Path(out).expanduser().resolve()
-    if target == Path(run_dir).expanduser().resolve() or (target / "run.json").is_file() or (target / "COMPLETE").is_file():
-        raise UserError(f"--out {out}: a run or checkpoint directory, which export never writes into; choose a new "
-                        "directory (e.g. RUN_DIR/peft)")
     cfg = read_config(Path(run_dir))
     method = cfg.method.get("name")
     if method == "full":  # refuse before loading anything heavy

@@ -42,6 +42,19 @@ def adapter_deltas(adapter) -> dict[int, list]:
     return out
 
 
+def step_aside(model, adapter) -> tuple[dict[str, torch.Tensor] | None, dict[int, list]]:
+    """Put the model's own modules back in place of the adapter layers (which still compute ΔW) and
+    return ``(state, deltas)``: the tensors to write under their saved names (None when only
+    ``save_pretrained`` knows how: weight conversions, remote code) and :func:`adapter_deltas`.
+    ``merged_tensor(state[name], deltas)`` is then each merged tensor, one at a time."""
+    deltas = adapter_deltas(adapter)
+    for name, layer in getattr(adapter, "layers", {}).items():
+        replace_module(model, name, layer.base_layer)
+    shared = {id(p) for p in getattr(adapter, "shared", {}).values()}
+    state = None if getattr(model.config, "auto_map", None) else _state_to_save(model, shared)
+    return state, deltas
+
+
 def _state_to_save(model, exclude: set[int]) -> dict[str, torch.Tensor] | None:
     """The tensors ``save_pretrained`` would write, under its names, or None when they are not the
     model's own tensors (weight conversions to revert: use ``save_pretrained`` then). Tensors whose
@@ -116,11 +129,7 @@ def save_merged(model, adapter, directory: str | Path, dtype: str | torch.dtype 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    deltas = adapter_deltas(adapter)
-    for name, layer in getattr(adapter, "layers", {}).items():
-        replace_module(model, name, layer.base_layer)  # step aside; the layer still computes ΔW
-    shared = {id(p) for p in getattr(adapter, "shared", {}).values()}
-    state = None if getattr(model.config, "auto_map", None) else _state_to_save(model, shared)
+    state, deltas = step_aside(model, adapter)
     items = [] if state is None else [(k, tuple(v.shape), _out_dtype(v, dtype)) for k, v in state.items()]
     with torch.no_grad():
         if state is None or any(dt not in SAFETENSORS_DTYPES for _, _, dt in items):
@@ -150,7 +159,7 @@ def save_merged(model, adapter, directory: str | Path, dtype: str | torch.dtype 
                 f.write(raw)
                 for i in shard:
                     name, shape, dt = items[i]
-                    t = _merged_tensor(state[name], deltas).to(dt).contiguous().cpu()
+                    t = merged_tensor(state[name], deltas).to(dt).contiguous().cpu()
                     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
                     del t
         if len(files) > 1:
@@ -160,7 +169,7 @@ def save_merged(model, adapter, directory: str | Path, dtype: str | torch.dtype 
     return "streamed"
 
 
-def _merged_tensor(t: torch.Tensor, deltas: dict[int, list]) -> torch.Tensor:
+def merged_tensor(t: torch.Tensor, deltas: dict[int, list]) -> torch.Tensor:
     """``t`` itself, or ``t + Σ ΔW`` in fp32 (fp64 kept) when adapter layers sit on it."""
     layers = deltas.get(id(t))
     t = t.detach()

@@ -8,7 +8,7 @@ from pathlib import Path
 from finetune import adapters
 from finetune.adapters.base import is_quantized
 from finetune.errors import UserError
-from finetune.models.load import load_model
+from finetune.models.load import architecture, load_model, source_dir
 from finetune.models.tokenizer import load_tokenizer
 from finetune.run.directory import RunDir, read_run
 
@@ -45,12 +45,28 @@ def load_run(run_dir: str | Path, device: str = "cpu", original_base: bool = Fal
                         "quantized, so no original full-precision weights are available; use --base dequantized")
     adapter = adapters.load_adapter(model, run.path)
     model.eval()
-    tokenizer_cfg = cfg.model.copy()
+    return model, adapter, run_tokenizer(run), cfg
+
+
+def run_tokenizer(run: RunDir):
+    """The tokenizer the run trained with (saved in the run, else its model's)."""
+    tokenizer_cfg = run.config().model.copy()
     if run.tokenizer.is_dir():
         tokenizer_cfg.tokenizer = str(run.tokenizer)
         tokenizer_cfg.gguf_file = None
-    tokenizer = load_tokenizer(tokenizer_cfg)
-    return model, adapter, tokenizer, cfg
+    return load_tokenizer(tokenizer_cfg)
+
+
+def run_model_config(run: RunDir):
+    """The transformers config of the run's base model, without loading any weights."""
+    from transformers import AutoConfig
+
+    cfg = run.config()
+    if run.base.is_dir():
+        return AutoConfig.from_pretrained(str(run.base))
+    if cfg.model.init == "random":
+        return architecture(cfg.model)
+    return AutoConfig.from_pretrained(source_dir(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
 
 
 def quantized_base(cfg) -> str | None:
