@@ -3,6 +3,7 @@ generated text (a GPT-2/SmolLM-style byte-level BPE, a Qwen2-style one, or a Sen
 BPE with byte fallback like Llama 2's), saved with a random-init model as a Hugging Face directory.
 The `tiny` model's byte tokenizer has no merges, so it has no GGUF form; these do."""
 
+import json
 import random
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -10,6 +11,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 WORDS = ("the cat sat on a mat while it rained and question answer value key memorize train model "
          "numbers are like 12 345 6789 0 and prices $3.50 or 1,000; café naïve über 東京 日本語 ½ ²").split()
 
@@ -26,8 +29,8 @@ def corpus(n=3000, seed=0):
 
 
 def bpe_tokenizer(kind="smollm", vocab_size=700):
-    """A trained fast tokenizer: ``kind`` is smollm (digits apart, then GPT-2's split), gpt2, qwen2
-    or spm (Llama-2-like: ▁ for spaces, byte fallback, BOS added)."""
+    """A trained fast tokenizer: ``kind`` is smollm (digits apart, then GPT-2's split), gpt2, qwen2,
+    llama-bpe (Llama 3's split) or spm (Llama-2-like: ▁ for spaces, byte fallback, BOS added)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -40,6 +43,9 @@ def bpe_tokenizer(kind="smollm", vocab_size=700):
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
                                       show_progress=False)
         tok.train_from_iterator(corpus(), trainer)
+        spec = json.loads(tok.to_str())  # the byte tokens live in the vocabulary only, as in Llama 2's
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in bytes_]
+        tok = Tokenizer.from_str(json.dumps(spec))
         from tokenizers import processors
 
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -48,9 +54,10 @@ def bpe_tokenizer(kind="smollm", vocab_size=700):
                                        pad_token="</s>")
     else:
         tok = Tokenizer(models.BPE())
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind != "qwen2")
-        steps = {"smollm": [pre_tokenizers.Digits(individual_digits=True)], "gpt2": [],
-                 "qwen2": [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated")]}[kind]
+        splits = {"qwen2": QWEN2_SPLIT, "llama-bpe": LLAMA3_SPLIT}
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind not in splits)
+        steps = ([pre_tokenizers.Split(Regex(splits[kind]), behavior="isolated")] if kind in splits else
+                 [pre_tokenizers.Digits(individual_digits=True)] if kind == "smollm" else [])
         tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, byte_level]) if steps else byte_level
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,

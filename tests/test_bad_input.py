@@ -116,6 +116,18 @@ CASES = [
     (["eval", "{tmp}"], "{tmp}: neither a finetune run directory nor a model directory (config.json)"),
     (["export", "{run}", "--format", "peft", "--out", "{out}"], "MoRA has no peft adapter format"),
     (["export", "{tmp}", "--format", "peft", "--out", "{out}"], "...not a finetune run directory"),
+    (["export", "{run}", "--format", "gguf", "--out", "{out}.gguf"],
+     "GGUF export: the tokenizer has no merges (a byte tokenizer such as model=tiny's)"),
+    (["export", "{run}", "--format", "gguf", "--type", "q4_k", "--out", "{out}.gguf"],
+     "--type q4_k: allowed: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (K-quants and i-quants: export f16 and run "
+     "llama.cpp's llama-quantize)"),
+    (["export", "{run}", "--format", "gguf", "--out", "{tmp}/empty.jsonl"],
+     "--out {tmp}/empty.jsonl: a GGUF file's name ends in .gguf"),
+    (["export", "{run}", "--format", "gguf", "--out", "{tmp}/text.gguf"],
+     "--out {tmp}/text.gguf: exists and is not a GGUF file; choose another name"),
+    (["export", "{run}", "--format", "gguf", "--as-lora", "--out", "{out}.gguf"], "--as-lora applies to --format peft only"),
+    (["export", "{run}", "--format", "peft", "--type", "f16", "--out", "{out}"], "--type applies to --format gguf only"),
+    (["export", "{run}", "--format", "onnx", "--out", "{out}"], "--format onnx: allowed: peft, gguf"),
 ]
 
 
@@ -145,6 +157,7 @@ def data_files(tmp) -> None:
     alpaca = {"instruction": ["a", "b"], "input": "", "output": "c"}
     (tmp / "lists.jsonl").write_text(json.dumps(alpaca) + "\n" + json.dumps(alpaca) + "\n")
     (tmp / "alpaca.jsonl").write_text(json.dumps({"instruction": "a", "input": "", "output": "c"}) + "\n")
+    (tmp / "text.gguf").write_text("not a GGUF file\n")
 
 
 def _fill(text: str, tmp, run, out) -> str:
