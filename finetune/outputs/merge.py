@@ -21,11 +21,11 @@ import shutil
 from pathlib import Path
 
 from finetune import progress
+from finetune.adapters.base import dense_weight, is_quantized, replace_module
 from finetune.errors import UserError
+from finetune.outputs.streaming import save_merged
 from finetune.run.directory import RunDir
 from finetune.run.load import load_run, quantized_base
-from finetune.adapters.base import dense_weight, is_quantized, replace_module
-from finetune.outputs.streaming import save_merged
 
 MARKER = "finetune_merge.json"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -112,6 +112,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
         raise UserError(f"--out {out}: exists and is not a directory; choose another")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"--out {out}: exists and is not a merged model written by finetune; choose another")
+    run.config()  # not a run: one line before any progress bar
     with progress.bar(total=3, desc="merge", unit="stage", disable=quiet) as stages:  # closed before any message
         stages.set_postfix_str("load")
         model, adapter, tokenizer, cfg, quant, base = load_for_merge(run, base)

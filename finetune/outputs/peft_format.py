@@ -42,20 +42,15 @@ from pathlib import Path
 
 import torch
 
-from finetune.errors import UserError
 from finetune.adapters import lora, vblora
-from finetune.adapters.base import AdapterLayer
-from finetune.adapters.base import replace_module
+from finetune.adapters.base import AdapterLayer, replace_module
 from finetune.adapters.lora import LoraLayer
 from finetune.adapters.mora import operators
-from finetune.adapters.vblora import BANK_ATTR
-from finetune.adapters.vblora import check_topk
-from finetune.adapters.vblora import decode_topk
-from finetune.adapters.vblora import factors_from_logits
+from finetune.adapters.vblora import BANK_ATTR, check_topk, decode_topk, factors_from_logits
+from finetune.errors import UserError
 from finetune.models.load import source_dir
 from finetune.models.paths import is_local
-from finetune.run.directory import RunDir
-from finetune.run.directory import read_config
+from finetune.run.directory import RunDir, read_config
 from finetune.run.load import load_run
 
 CONFIG_FILE = "adapter_config.json"

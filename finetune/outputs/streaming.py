@@ -24,6 +24,7 @@ import struct
 from pathlib import Path
 
 import torch
+
 from finetune.adapters.base import replace_module
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -6,12 +6,13 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from finetune.errors import UserError
 from finetune.outputs.merge import merge_run
 from finetune.run.load import load_run
 from finetune.training.loop import train
+
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")

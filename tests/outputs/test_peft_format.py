@@ -15,7 +15,6 @@ import warnings
 import peft  # the test-only oracle, installed by `make test`
 import pytest
 import torch
-from conftest import ids, logits_of
 from safetensors import safe_open
 
 from finetune.adapters import attach as attach_method
@@ -34,6 +33,8 @@ from finetune.outputs.peft_format import (
     import_peft,
     peft_payload,
 )
+
+from conftest import ids, logits_of
 
 B_LEN = 32
 LORA_FIELDS = {"peft_type", "task_type", "base_model_name_or_path", "inference_mode", "r", "lora_alpha",
@@ -363,11 +364,12 @@ def test_import_rejects_unsupported_configs(tiny_model, tmp_path):
 def test_export_run_of_a_trained_vblora_run(tmp_path):
     """Train VB-LoRA for a few steps (top-k storage), export the run, load it in peft on the base
     that the config names (the run's saved random-init base): logits equal our loaded run's."""
-    from conftest import tiny_config
     from transformers import AutoModelForCausalLM
 
     from finetune.run.load import load_run
     from finetune.training.loop import train
+
+    from conftest import tiny_config
 
     run = tmp_path / "run"
     train(tiny_config("method=vblora", "method.vector_length=32", "method.num_vectors=64",
@@ -388,13 +390,14 @@ def test_export_run_of_a_trained_vblora_run(tmp_path):
 def test_cli_exports_a_trained_mora_type1_run_as_lora(tmp_path):
     """`finetune export RUN --out DIR --as-lora` on a trained MoRA type-1 run: peft loads it on the
     run's base and its logits equal our loaded run's; without --as-lora the CLI says how."""
-    from conftest import tiny_config
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
 
     from finetune.cli import app
     from finetune.run.load import load_run
     from finetune.training.loop import train
+
+    from conftest import tiny_config
 
     run = tmp_path / "run"
     train(tiny_config("method=mora", "method.rank=4", "method.type=1", "task.num_pairs=4", "task.eval_limit=1",
