@@ -45,7 +45,11 @@ from finetune import progress
 from finetune.errors import UserError
 from finetune.outputs.streaming import merged_tensor, step_aside
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# --type -> (GGML tensor type, llama.cpp file type), named as in the gguf package
+GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+              "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+              "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1")}
+TYPES = tuple(GGUF_TYPES)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # llama.cpp's permutation of q/k rows applies to these architectures (rotary pairs interleaved).
 INTERLEAVED_ROPE = ("llama",)
@@ -77,14 +81,11 @@ def gguf_architecture(config) -> str:
 
 
 def _ggml_types(gguf_type: str):
-    from gguf import GGMLQuantizationType as Q
-    from gguf import LlamaFileType as F
+    """(GGML tensor type, llama.cpp file type) of a ``--type``."""
+    import gguf
 
-    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
-             "q5_0": Q.Q5_0, "q5_1": Q.Q5_1}[gguf_type]
-    ftype = {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
-             "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "q5_0": F.MOSTLY_Q5_0, "q5_1": F.MOSTLY_Q5_1}[gguf_type]
-    return qtype, ftype
+    tensor, file = GGUF_TYPES[gguf_type]
+    return gguf.GGMLQuantizationType[tensor], gguf.LlamaFileType[file]
 
 
 def tensor_type(gguf_name: str, shape: tuple, gguf_type: str):
