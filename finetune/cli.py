@@ -208,7 +208,7 @@ def chat(path: str = typer.Argument(..., help="A run directory (merged or not), 
 
 @app.command()
 @user_errors
-def export(run_dir: Path = typer.Argument(..., help="A finished run directory."),
+def export(run_dir: Path = typer.Argument(..., help="A finished run directory (gguf: or any model directory)."),
            format: str = typer.Option("peft", "--format", help="peft (the adapter) or gguf (the merged model, "
                                                               "for llama.cpp and Ollama)."),
            out: Path = typer.Option(..., "--out", help="peft: the output directory; gguf: the .gguf file."),

@@ -1,5 +1,6 @@
 """``finetune export RUN_DIR --format peft|gguf --out PATH``: the checks every format shares (a run
-directory in, an output that is not a run or checkpoint) and the writer of each format:
+directory in, or for GGUF any model directory; an output that is not a run or checkpoint) and the
+writer of each format:
 :mod:`finetune.outputs.peft_format` (the adapter, for peft) and :mod:`finetune.outputs.gguf` (the
 merged model, for llama.cpp and Ollama)."""
 
@@ -24,9 +25,11 @@ def export_run(run_dir: str | Path, format: str = "peft", out: str | Path | None
         raise UserError("--as-lora applies to --format peft only")
     if format != "gguf" and gguf_type is not None:
         raise UserError("--type applies to --format gguf only")
-    if not (Path(run_dir) / RUN_CONFIG).is_file():
+    model_dir = format == "gguf" and (Path(run_dir) / "config.json").is_file()
+    if not (Path(run_dir) / RUN_CONFIG).is_file() and not model_dir:
+        also = " (or, for --format gguf, a model directory)" if format == "gguf" else ""
         raise UserError(f"not a finetune run directory: {run_dir} (no {RUN_CONFIG}); "
-                        "`finetune export` takes the directory of a finished run")
+                        f"`finetune export` takes the directory of a finished run{also}")
     target = Path(out).expanduser().resolve()
     if target == Path(run_dir).expanduser().resolve() or (target / "run.json").is_file() or (target / "COMPLETE").is_file():
         raise UserError(f"--out {out}: a run or checkpoint directory, which export never writes into; choose a new "
@@ -35,6 +38,8 @@ def export_run(run_dir: str | Path, format: str = "peft", out: str | Path | None
         from finetune.outputs.peft_format import export_run_peft
 
         return export_run_peft(run_dir, out, as_lora=as_lora)
-    from finetune.outputs.gguf import export_run_gguf
+    from finetune.outputs.gguf import export_model_gguf, export_run_gguf
 
-    return export_run_gguf(run_dir, out, gguf_type or "f16")
+    if (Path(run_dir) / RUN_CONFIG).is_file():
+        return export_run_gguf(run_dir, out, gguf_type or "f16")
+    return export_model_gguf(run_dir, out, gguf_type or "f16")

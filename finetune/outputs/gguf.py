@@ -484,3 +484,17 @@ def export_run_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16"
 
         source = Path(resolve_path(cfg.model.path)).expanduser() / cfg.model.gguf_file
     return write_gguf(model, tokenizer, out, gguf_type, adapter=adapter, source_gguf=source)
+
+
+def export_model_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16") -> Path:
+    """A plain Hugging Face model directory (a merged run, say) as the GGUF file ``out``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_type(gguf_type)
+    out = check_out(out)
+    config = AutoConfig.from_pretrained(str(model_dir))
+    gguf_architecture(config)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer_fields(tokenizer, int(config.vocab_size))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+    return write_gguf(model, tokenizer, out, gguf_type)

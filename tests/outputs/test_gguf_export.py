@@ -121,6 +121,14 @@ def test_the_file_carries_the_runs_tokenizer_and_settings(lora_run, tmp_path):
     assert "output.weight" not in names and "token_embd.weight" in names  # tied: written once
 
 
+def test_a_merged_model_directory_exports_too(lora_run, tmp_path):
+    run, (merged, merged_tok), _ = lora_run
+    model, tokenizer = read_back(export_run(run / "merged", "gguf", tmp_path / "m.gguf", gguf_type="f32"))
+    x = batch(merged.config.vocab_size)
+    assert (logits(model, x) - logits(merged, x)).abs().max() <= 1e-5
+    same_tokens(merged_tok, fix_pre_tokenizer(tokenizer, "smollm"))
+
+
 def test_cli_export_gguf(lora_run, tmp_path):
     run = lora_run[0]
     out = tmp_path / "cli.gguf"
