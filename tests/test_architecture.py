@@ -117,3 +117,14 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_dependencies_point_down_the_layers():
     upward = [f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets if layer_of(t) > layer_of(m)]
     assert not upward, "imports of a later layer: " + "; ".join(sorted(upward))
+
+
+def test_every_subpackage_is_installed():
+    """pyproject.toml lists the packages a wheel carries: each folder with an __init__.py is there
+    (an editable install finds them all anyway, so only this test sees a missing one)."""
+    import re
+
+    text = (PACKAGE.parent / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(finetune[\w.]*)"', re.search(r"^packages = \[(.*?)\]", text, re.S | re.M).group(1)))
+    found = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
