@@ -112,6 +112,10 @@ class AdapterLayer(nn.Module):
         """Closed-form ΔW in the (d, k) layout, in the adapter dtype."""
         raise NotImplementedError
 
+    def branch_flops(self) -> int:
+        """FLOPs of g(x) for one token, forward (for MFU: finetune.training.flops)."""
+        raise NotImplementedError
+
     # -- shared behaviour ----------------------------------------------------------------------
     @property
     def adapter_dtype(self) -> torch.dtype:

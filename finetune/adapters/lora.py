@@ -59,6 +59,9 @@ class LoraLayer(AdapterLayer):
     def _delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def branch_flops(self) -> int:
+        return 2 * self.rank * (self.in_features + self.out_features)  # x·Aᵀ, then ·Bᵀ
+
     @torch.no_grad()
     def absorb(self) -> None:
         """ReLoRA: W0 ← W0 + s·B·A, then A re-initialised Kaiming-uniform and B = 0 (methods.md §3

@@ -291,6 +291,12 @@ class MoraLayer(AdapterLayer):
         h = c @ M.T
         return decompress_tile(h, d) if decomp == "tile" else decompress_rep(h, d)
 
+    def branch_flops(self) -> int:
+        """M applied to each used block (type 6), or once to the compressed input (types 1-4);
+        the products only (the rotation and the sums are element-wise)."""
+        blocks = self._used_blocks() if self.mora_type == 6 else 1
+        return blocks * 2 * self.r_hat**2
+
     # -- closed-form ΔW (§2.3) ----------------------------------------------------------------
     def _delta(self) -> torch.Tensor:
         k, d, r_hat, M = self.in_features, self.out_features, self.r_hat, self.mora_M

@@ -258,6 +258,9 @@ class VBLoraLayer(AdapterLayer):
                             "logits are -inf outside the top-k and cannot be trained; use it for "
                             "inference or merging, or train from a full-logits checkpoint")
 
+    def branch_flops(self) -> int:
+        return 2 * self.rank * (self.in_features + self.out_features)  # as LoRA, once A and B are assembled
+
     def _delta(self) -> torch.Tensor:
         A, B = self.factors()
         return B @ A

@@ -70,21 +70,44 @@ class Task:
             out.append((enc["input_ids"][:n], text[:covered]))
         return out
 
-    def evaluate(self, model, device) -> dict:
+    def predictions(self, model, device, limit: int | None = None) -> list[tuple[str, str, str]]:
+        """``(key, true value, generated value)`` for the first ``limit`` pairs (all by default)."""
         from finetune.models.generate import greedy_generate
 
-        limit = self.cfg.eval_limit or len(self.pairs)
-        pairs = self.pairs[:limit]
+        limit = limit or len(self.pairs)
         prompts = self.prompts()[:limit]
         outputs = greedy_generate(model, self.tokenizer, [ids for ids, _ in prompts], device,
                                   max_new_tokens=self.cfg.max_new_tokens,
                                   batch_size=self.cfg.eval_batch_size, stop_at_eos=False)
-        hex_acc, acc36, exact = 0.0, 0.0, 0
-        for (key, value), (_, covered), generated in zip(pairs, prompts, outputs):
+        out = []
+        for (key, value), (_, covered), generated in zip(self.pairs, prompts, outputs):
             full = covered + self.tokenizer.decode(generated, skip_special_tokens=True)
-            pred = full[len(key) + 1:len(key) + 1 + UUID_LEN]
+            out.append((key, value, full[len(key) + 1:len(key) + 1 + UUID_LEN]))
+        return out
+
+    def evaluate(self, model, device) -> dict:
+        self.last_predictions = self.predictions(model, device, self.cfg.eval_limit)
+        hex_acc, acc36, exact = 0.0, 0.0, 0
+        for _, value, pred in self.last_predictions:
             hex_acc += char_accuracy(pred, value, hex_only=True)
             acc36 += char_accuracy(pred, value, hex_only=False)
             exact += pred == value
-        n = len(pairs)
+        n = len(self.last_predictions)
         return {"char_acc": hex_acc / n, "char_acc_36": acc36 / n, "exact_match": exact / n, "n": n}
+
+    def before_after(self, before: list[tuple[str, str, str]], after: list[tuple[str, str, str]]) -> str:
+        """A few pairs side by side: the true value, what the base model generated and what the
+        trained model generates; ``^`` under every character that differs from the true value."""
+        def shown(pred: str) -> str:
+            return pred.replace("\n", "⏎").ljust(UUID_LEN)[:UUID_LEN]
+
+        def marks(pred: str, value: str) -> str:
+            return "".join(" " if p == v else "^" for p, v in zip(shown(pred), value))
+
+        width = UUID_LEN + 2
+        lines = [f"{'key':<10}{'true value':<{width}}{'base model':<{width}}{'trained model':<{width}}"]
+        for (key, value, was), (_, _, now) in zip(before, after):
+            verdict = "exact" if now == value else f"{sum(m == '^' for m in marks(now, value))} wrong"
+            lines.append(f"{key[:8] + '…':<10}{value:<{width}}{shown(was):<{width}}{shown(now):<{width}}{verdict}")
+            lines.append(f"{'':<10}{'':<{width}}{marks(was, value):<{width}}{marks(now, value)}")
+        return "\n".join(line.rstrip() for line in lines)

@@ -45,7 +45,7 @@ from finetune.outputs.merge import merge_run
 from finetune.run.checkpoints import step_number as checkpoints_step
 from finetune.run.directory import RunDir
 from finetune.tasks import build_task
-from finetune.training import checkpoint, tracking
+from finetune.training import checkpoint, flops, tracking
 from finetune.training.distributed import any_rank, broadcast_object
 from finetune.training.fsdp import FSDP
 from finetune.training.launch import warn_if_not_launched
@@ -94,6 +94,9 @@ def accumulate_gradients(model, micro_batches: list[dict], parallel, loss_chunk:
 # --------------------------------------------------------------------------------------------
 
 
+PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # mixed_precision -> dtype
+
+
 @dataclass
 class Session:
     """What one run's loop works with. ``set_up`` builds it; ``run_steps`` advances ``step`` (optimizer
@@ -121,6 +124,11 @@ class Session:
     step: int = 0
     tokens_seen: int = 0
     loss: float = float("nan")
+    cost: flops.Cost | None = None  # FLOPs per trained token (MFU)
+    peak: tuple[float, str] = (0.0, "")  # the device's peak FLOP/s and where it comes from
+    flops_done: float = 0.0  # this process's model FLOPs and training seconds in this session
+    train_seconds: float = 0.0
+    before: list | None = None  # the base model's answers to a few prompts (shown next to the trained ones)
     phase: str = "set-up"  # set-up | training | saving | evaluation | merging (what a signal interrupts)
 
     @property
@@ -202,6 +210,9 @@ def set_up(s: Session) -> None:
     # lm_head); they are saved with the base in RUN_DIR/base at the end.
     s.full = unfreeze_modules(model, getattr(s.task, "train_modules", None), s.adapter)
     _count_params(s)
+    s.before = _base_answers(s, model)
+    s.cost = flops.Cost(model, s.adapter)
+    s.peak = flops.peak_flops(torch.device(s.device), PRECISION_DTYPES[mixed_precision(t, s.device)])
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -223,6 +234,24 @@ def set_up(s: Session) -> None:
         checkpoint.restore_training(resumed, s.parallel, s.model, s.adapter, s.optimizer, s.scheduler)
         s.step, s.tokens_seen, s.saver.last = resumed.step, resumed.tokens_seen, resumed.path
         s.say(f"resumed from {resumed.path} at step {s.step}")
+
+
+SHOWN = 4  # pairs in the before/after table
+
+
+def _base_answers(s: Session, model) -> list | None:
+    """What the base model (the adapter switched off) answers to the first few prompts, for the
+    before/after table of tasks that have one; only on a new run, shown by the main process."""
+    if not (hasattr(s.task, "before_after") and s.main and not s.quiet and not s.start.checkpoint):
+        return None
+    s.adapter.set_enabled(False)
+    model.eval()
+    try:
+        with torch.no_grad(), s.parallel.autocast():
+            return s.task.predictions(model, s.parallel.device, limit=SHOWN)
+    finally:
+        s.adapter.set_enabled(True)
+        model.train()
 
 
 def _count_params(s: Session) -> None:
@@ -268,18 +297,23 @@ def run_steps(s: Session) -> None:
             s.step += 1
             apply_restart(s.adapter.on_optimizer_step(s.step), s.optimizer, s.scheduler)
             s.tokens_seen += tokens_step
-            tps = tokens_step / max(time.time() - step_start, 1e-9)
+            seconds = max(time.time() - step_start, 1e-9)
+            tps = tokens_step / seconds
+            step_flops = s.cost.step(micro)  # this process's share, against one device's peak
+            s.flops_done += step_flops
+            s.train_seconds += seconds
+            mfu = step_flops / seconds / s.peak[0]
             bar.update(1)
-            bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            _after_step(s, bar, lr, grad_norm, tps)
+            bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.0f}%")
+            _after_step(s, bar, lr, grad_norm, tps, mfu)
 
 
-def _after_step(s: Session, bar, lr: float, grad_norm: float | None, tps: float) -> None:
+def _after_step(s: Session, bar, lr: float, grad_norm: float | None, tps: float, mfu: float) -> None:
     """At the step boundary: the log record, an evaluation, a checkpoint, a stop request."""
     t = s.cfg.trainer
     if s.main and (s.step % t.log_every == 0 or s.step == t.max_steps):
         s.run.log({"step": s.step, "loss": s.loss, "lr": lr, "tokens_per_s": tps, "tokens": s.tokens_seen,
-                   "grad_norm": grad_norm, "time": time.time()})
+                   "mfu": mfu, "grad_norm": grad_norm, "time": time.time()})
     if t.eval_every and s.step % t.eval_every == 0 and s.step < t.max_steps:
         metrics = _evaluate(s)
         if s.main:
@@ -319,9 +353,12 @@ def finish(s: Session) -> dict:
     metrics = _evaluate(s)
     summary = {"final_loss": s.loss, "steps": t.max_steps, "tokens_seen": s.tokens_seen,
                "metric": s.task.metric, "metrics": metrics, "params": s.params,
-               "peak_memory_mb": peak_memory_mb(s.device), "environment": environment_info(s.device)}
+               "peak_memory_mb": peak_memory_mb(s.device), "mfu": _mfu_summary(s),
+               "environment": environment_info(s.device)}
     if s.main:
         s.run.log({"step": t.max_steps, "eval": metrics})
+        if s.before and getattr(s.task, "last_predictions", None):
+            s.say(s.task.before_after(s.before, s.task.last_predictions))
         s.say(f"{s.task.metric} = {metrics[s.task.metric]:.4f}  ({_fmt(metrics)})")
         s.say(f"run directory: {s.run.path}")
         if t.merge:
@@ -333,6 +370,15 @@ def finish(s: Session) -> dict:
     # No barrier after the merge: the other ranks are done, and waiting for a long merge of a big
     # model would run into the collectives' timeout.
     return summary
+
+
+def _mfu_summary(s: Session) -> dict | None:
+    """Model FLOPs utilisation over this session's training steps (finetune.training.flops)."""
+    if not s.train_seconds:
+        return None
+    achieved = s.flops_done / s.train_seconds
+    return {"mfu": achieved / s.peak[0], "achieved_flops_per_s": achieved, "peak_flops_per_s": s.peak[0],
+            "peak_source": s.peak[1], "flops_per_token_no_attention": s.cost.linear}
 
 
 def _stopped(s: Session, sig) -> RunInterrupted:

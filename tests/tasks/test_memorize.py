@@ -63,3 +63,19 @@ def test_a_model_that_knows_the_values_scores_one(byte_tokenizer):
 
     metrics = task.evaluate(Oracle(), "cpu")
     assert metrics == {"char_acc": 1.0, "char_acc_36": 1.0, "exact_match": 1.0, "n": 3}
+
+
+def test_the_before_after_table_marks_every_wrong_character(byte_tokenizer):
+    task = build_task(tiny_config("task.num_pairs=2").task, byte_tokenizer)
+    (k1, v1), (k2, v2) = task.pairs
+    wrong = ("0" if v2[0] != "0" else "1") + v2[1:5] + "\nzz" + v2[8:]  # 1st, 6th-8th characters wrong
+    table = task.before_after([(k1, v1, "nonsense"), (k2, v2, "")], [(k1, v1, v1), (k2, v2, wrong)])
+    lines = table.splitlines()
+    assert lines[0].split() == ["key", "true", "value", "base", "model", "trained", "model"]
+    row, marks = lines[1], lines[2]
+    assert row.startswith(k1[:8] + "…") and v1 in row and row.endswith("exact")
+    assert marks.strip().startswith("^" * 36)  # "nonsense" then padding: every character differs
+    row2, marks2 = lines[3], lines[4]
+    assert row2.endswith("4 wrong") and "⏎zz" in row2  # a newline is shown, not printed
+    trained_marks = marks2[10 + 2 * 38:]
+    assert trained_marks == "^    ^^^"

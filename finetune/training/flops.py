@@ -1,0 +1,116 @@
+"""Model FLOPs utilisation (MFU): the FLOP/s a run achieves on the model's own arithmetic, over the
+device's peak.
+
+What one trained token costs (:class:`Cost`), counted from the modules, forward and backward:
+
+- a frozen linear layer (k → d): ``2·k·d`` forward and ``2·k·d`` backward for the input's gradient;
+  its weight gets no gradient, so no third product (the base of every adapter method);
+- a trained linear layer (full fine-tuning): ``6·k·d`` (the weight's gradient too);
+- an adapter branch: its forward FLOPs (each method's ``branch_flops``: LoRA and VB-LoRA
+  ``2·r·(k + d)``, MoRA ``2·r̂²`` per used block) times three (forward, input and weight gradients);
+- attention: ``4·T·d_attn`` per token and layer forward (``QKᵀ`` and ``A·V`` over a context of T
+  tokens, counted whole as is the convention), three times that with the backward;
+- the output projection (``lm_head``) as a frozen or trained linear layer; embeddings: none.
+
+Padding is not counted: tokens are the batch's real tokens, and T the real length of each row. The
+peak (:func:`peak_flops`) is a measured fp32 matrix-multiply peak on the CPU (this process's
+threads, cached per machine), and the datasheet dense bf16/fp16 tensor-core peak on the GPUs in
+:data:`GPU_PEAKS` (else measured there too).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from torch import nn
+
+from finetune.adapters.base import AdapterLayer, layer_shape
+from finetune.environment import cache_dir, cpu_model
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s; matched on the
+# device name, first match wins (so the more specific names come first).
+GPU_PEAKS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),
+             ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+             ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12)]
+
+
+class Cost:
+    """FLOPs per trained token of ``model`` with ``adapter`` attached (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, adapter=None):
+        trained = {id(p) for p in model.parameters() if p.requires_grad}
+        self.forward = 0  # per token, attention excluded: forward only, and forward + backward
+        self.linear = 0
+        inside: list[str] = []
+        for name, module in model.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in inside):
+                continue
+            branch = 0
+            if isinstance(module, AdapterLayer):
+                inside.append(name)
+                branch = module.branch_flops()
+                module = module.root_layer()
+            elif not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+                continue
+            k, d, _ = layer_shape(module)
+            self.forward += 2 * k * d + branch
+            self.linear += (6 if id(module.weight) in trained else 4) * k * d + 3 * branch
+        config = getattr(model, "config", None)
+        layers = getattr(config, "num_hidden_layers", 0) or 0
+        heads = getattr(config, "num_attention_heads", 0) or 0
+        head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // max(heads, 1))
+        self.attention = 3 * 4 * layers * heads * head_dim  # per token and token of context, with the backward
+
+    def per_token(self, context: float) -> float:
+        return self.linear + self.attention * context
+
+    def step(self, micro_batches: list[dict]) -> float:
+        """FLOPs of this process's micro-batches: every real token at its row's real length."""
+        total = 0.0
+        for batch in micro_batches:
+            lengths = batch["attention_mask"].sum(dim=1).double()
+            total += self.linear * float(lengths.sum()) + self.attention * float((lengths * lengths).sum())
+        return total
+
+
+def _measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    """The best FLOP/s of n×n matrix products over about ``seconds``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAKS:
+            if key in name and dtype in (torch.bfloat16, torch.float16):
+                return value, f"datasheet dense bf16 peak of the {name}"
+        return _measure_matmul(device, dtype, n=4096), f"measured {str(dtype).split('.')[1]} matmul peak of the {name}"
+    threads = torch.get_num_threads()
+    key = f"cpu|{cpu_model()}|{threads}|{torch.__version__}|{dtype}"
+    path = cache_dir() / "peak_flops.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = _measure_matmul(device, dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1))
+    return known[key], f"measured fp32 matmul peak, {threads} threads (cached in {path})"
+

@@ -1,0 +1,82 @@
+"""The FLOPs behind MFU, against torch's own FLOP counter (torch.utils.flop_counter), which counts
+the matrix products a forward or backward really runs. On the CPU the counter does not see the
+attention kernel, so the counts compared here leave attention out on both sides."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from finetune import adapters
+from finetune.config.compose import method_settings
+from finetune.models.load import load_model
+from finetune.training.flops import Cost, peak_flops
+
+from conftest import tiny_config
+
+TOKENS = (2, 40)
+
+
+def attached(*overrides):
+    cfg = tiny_config(*overrides)
+    torch.manual_seed(0)
+    model = load_model(cfg.model)
+    return model, adapters.attach(model, cfg.method.name, method_settings(cfg))
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("overrides", [["method=lora"], ["method=vblora", "method.vector_length=32"], ["method=full"]],
+                         ids=["lora", "vblora", "full"])
+def test_forward_flops_are_the_products_the_model_runs(overrides):
+    model, adapter = attached(*overrides)
+    x = torch.randint(0, 256, TOKENS)
+    with torch.no_grad():
+        assert Cost(model, adapter).forward * x.numel() == counted(lambda: model(input_ids=x))
+
+
+def test_full_fine_tuning_costs_three_forwards():
+    """Every weight trained: forward, input gradients and weight gradients, 6 FLOPs per weight and token."""
+    model, adapter = attached("method=full")
+    x = torch.randint(0, 256, TOKENS)
+    cost = Cost(model, adapter)
+    assert cost.linear == 3 * cost.forward
+    assert cost.linear * x.numel() == counted(lambda: model(input_ids=x, labels=x).loss.backward())
+
+
+def test_a_frozen_base_skips_its_weight_gradients():
+    model, adapter = attached("method=lora")
+    cost = Cost(model, adapter)
+    base = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    branches = sum(layer.branch_flops() for layer in adapter.layers.values())
+    assert cost.forward == base + branches
+    assert cost.linear == 2 * base + 3 * branches  # no 2·k·d for the frozen weights' gradients
+
+
+@pytest.mark.parametrize("mora_type", [1, 6])
+def test_mora_branch_flops_are_its_products(mora_type):
+    model, adapter = attached("method=mora", f"method.type={mora_type}")
+    for layer in list(adapter.layers.values())[:3]:
+        x = torch.randn(*TOKENS, layer.in_features)
+        with torch.no_grad():
+            assert layer.branch_flops() * x.shape[0] * x.shape[1] == counted(lambda layer=layer, x=x: layer.branch(x))
+
+
+def test_attention_scales_with_each_rows_real_length():
+    model, adapter = attached("method=lora")
+    cost = Cost(model, adapter)
+    mask = torch.tensor([[1] * 10 + [0] * 6, [1] * 16])  # 10 and 16 real tokens
+    got = cost.step([{"attention_mask": mask}])
+    assert got == cost.linear * 26 + cost.attention * (10 * 10 + 16 * 16)
+    layers, width = 2, 128  # model=tiny: 2 layers, 4 heads x 32
+    assert cost.attention == 3 * 4 * layers * width
+
+
+def test_the_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
+    first, source = peak_flops(torch.device("cpu"))
+    assert first > 1e8 and "measured fp32 matmul peak" in source
+    assert peak_flops(torch.device("cpu"))[0] == first  # read back, not measured again
