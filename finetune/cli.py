@@ -311,6 +311,10 @@ def main() -> None:
     # A hub id that cannot be fetched is reported in one line by the command; the hub client's own
     # retry warnings would only repeat it.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    # transformers imports DeepSpeed whenever it is installed; on a machine without GPUs DeepSpeed
+    # then warns on every command that it found none. Telling it so up front keeps that quiet.
+    if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if args[:1] == ["config"]:
         code = _config_fast_path(args[1:])
         if code is not None:
