@@ -62,6 +62,13 @@ TOPK_WEIGHTS = "_topk_weights"
 # --------------------------------------------------------------------------------------------
 
 
+# The bank's and the logits' learning rates as multiples of trainer.lr, unless set. The paper's
+# absolute values (1e-3, 1e-2; its models were trained for thousands of steps) leave a short run on a
+# small model at the format-only level; these ratios learn the default task within its budget
+# (docs/benchmarks.md, "Every method on its defaults").
+BANK_LR_RATIO = 5.0
+LOGITS_LR_RATIO = 50.0
+
 def tkam(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
     """Top-κ admixture on the last axis: ``(..., h)`` logits → ``(..., b)`` sub-vectors.
 
@@ -355,14 +362,17 @@ class VBLoraAdapter(Adapter):
 
     # -- optimizer --------------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """Bank at ``lr_bank`` and logits at ``lr_logits``, weight decay 0 on both (§4.8)."""
+        """Bank at ``lr_bank`` and logits at ``lr_logits``, weight decay 0 on both (§4.8); unset,
+        they follow ``lr`` (``trainer.lr``) at :data:`BANK_LR_RATIO` and :data:`LOGITS_LR_RATIO` times it."""
         if self.inference_only:
             raise UserError("this VB-LoRA adapter was loaded from a top-k file (save_only_topk) and is "
                             "inference/merge only; train from a full-logits checkpoint")
         logits = [p for name, p in self.named_trainable() if name != BANK_ATTR]
         return [
-            {"params": [self.bank], "lr": self.settings["lr_bank"], "weight_decay": 0.0, "name": "vblora_bank"},
-            {"params": logits, "lr": self.settings["lr_logits"], "weight_decay": 0.0, "name": "vblora_logits"},
+            {"params": [self.bank], "lr": self.settings.get("lr_bank") or BANK_LR_RATIO * lr, "weight_decay": 0.0,
+             "name": "vblora_bank"},
+            {"params": logits, "lr": self.settings.get("lr_logits") or LOGITS_LR_RATIO * lr, "weight_decay": 0.0,
+             "name": "vblora_logits"},
         ]
 
     # -- state ------------------------------------------------------------------------------------
@@ -444,7 +454,7 @@ def _check_settings(rank, num_vectors, vector_length, topk, dropout, init_logits
     if init_bank_bound <= 0:
         raise UserError(f"method.init_bank_bound={init_bank_bound}: must be > 0 (a zero bank gets no gradient)")
     for key, value in (("lr_bank", lr_bank), ("lr_logits", lr_logits)):
-        if value <= 0:
+        if value is not None and value <= 0:
             raise UserError(f"method.{key}={value}: must be > 0")
 
 
@@ -462,7 +472,7 @@ def check_divisible(shapes: dict[str, tuple[int, int]], vector_length: int) -> N
 
 def attach(model: nn.Module, rank: int = 4, num_vectors: int = 256, vector_length: int = 64, topk: int = 2,
            dropout: float = 0.0, init_logits_std: float = 0.01, init_bank_bound: float = 0.02,
-           lr_bank: float = 1e-3, lr_logits: float = 1e-2, save_only_topk: bool = False,
+           lr_bank: float | None = None, lr_logits: float | None = None, save_only_topk: bool = False,
            targets=tuple(ALL_LINEAR)) -> VBLoraAdapter:
     """Register one bank ``(h, b)`` on ``model`` and wrap every targeted layer with a VB-LoRA layer;
     freeze everything else. The bank is drawn once from U(±init_bank_bound), then each layer's

@@ -59,6 +59,7 @@ class ModelConfig:
 @dataclass
 class FullConfig:
     name: str = "full"
+    lr: Optional[float] = None  # null: FULL_LR_RATIO × trainer.lr
 
 
 @dataclass
@@ -105,8 +106,8 @@ class VBLoraConfig:
     dropout: float = 0.0
     init_logits_std: float = 0.01  # the paper's value (peft's default is 0.1)
     init_bank_bound: float = 0.02
-    lr_bank: float = 1e-3
-    lr_logits: float = 1e-2
+    lr_bank: Optional[float] = None  # null: BANK_LR_RATIO × trainer.lr (the paper: 1e-3)
+    lr_logits: Optional[float] = None  # null: LOGITS_LR_RATIO × trainer.lr (the paper: 1e-2)
     save_only_topk: bool = False  # store top-k indices and weights instead of full logits
     targets: Any = field(default_factory=_targets)
 
