@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Training throughput and peak memory: `finetune train` against peft + transformers Trainer.
+"""Training throughput and peak memory: `finetune train` against peft + transformers Trainer and
+against TRL's SFTTrainer + peft in its three ways of batching.
 
-The same fine-tuning job two ways, each run in its own process, alternating:
+The same fine-tuning job several ways, each run in its own process, alternating:
 
     finetune   `finetune train` (a subprocess): GSM8K from a local file in finetune's gsm8k
                format (Alpaca layout, loss on the answer + EOS), packed rows of --max-length
@@ -11,6 +12,13 @@ The same fine-tuning job two ways, each run in its own process, alternating:
                with transformers' Trainer, the same tokenized examples (unpacked), padded per
                batch to the longest example (DataCollatorForSeq2Seq, labels -100 on padding), the
                model's standard cross-entropy.
+    trl-bfd    TRL's SFTTrainer + peft (`pip install trl`), the same tokenized examples (their labels:
+               loss on the answer), `packing=True, packing_strategy="bfd"`: best-fit packing,
+               padding-free (examples kept apart by position ids), as many packed rows per step
+               as finetune.
+    trl-wrapped  the same with `packing_strategy="wrapped"`: rows cut at max length, examples
+               attending to each other across their boundaries.
+    trl-nopack   the same without packing: --batch-size examples per step, padded per batch.
 
 Shared: the embedded SmolLM2-135M, method LoRA r=8, alpha=16, dropout 0, all seven projections,
 learning rate, linear decay without warmup, AdamW (torch defaults, weight decay 0), gradient
@@ -26,7 +34,9 @@ the last warm-up step to the end of the last step, so data loading, collation, f
 and optimizer step are all inside), and peak memory: on CPU the peak resident set size of the
 whole process from the kernel (ru_maxrss via wait4, model loading included), on CUDA
 torch.cuda.max_memory_allocated. The summary is the median over --reps runs of each, and the
-ratios finetune / baseline. Goals: >= 1.5x the tokens/s at <= 0.6x the peak memory.
+ratios finetune / each other system. Goals: >= 1.5x peft + Trainer's tokens/s at <= 0.6x its peak
+memory; >= 2.5x TRL's padding-free (bfd) packing and >= 2x its wrapped packing, at <= 0.5x their
+peak memory.
 
     python scripts/bench_throughput.py --quick                    # a 2-minute smoke test
     python scripts/bench_throughput.py --device cpu               # the full measurement
@@ -62,7 +72,11 @@ from benchlib import (  # noqa: E402
 
 DATA = "/work/shared/data/gsm8k/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GOAL_SPEED, GOAL_MEMORY = 1.5, 0.6
+# system -> (label, speed goal: finetune's tokens/s at least this multiple, memory goal: at most this fraction)
+BASELINES = {"baseline": ("peft + Trainer (padding per batch)", 1.5, 0.6),
+             "trl-bfd": ("TRL SFTTrainer + peft, packing bfd (padding-free)", 2.5, 0.5),
+             "trl-wrapped": ("TRL SFTTrainer + peft, packing wrapped", 2.0, 0.5),
+             "trl-nopack": ("TRL SFTTrainer + peft, no packing (padding per batch)", None, None)}
 
 
 def parse_args(argv=None):
@@ -82,7 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
     p.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `finetune train` override (repeatable), e.g. trainer.gradient_checkpointing=true")
-    p.add_argument("--only", choices=("finetune", "baseline"), help="run one side only (no ratios)")
+    p.add_argument("--systems", nargs="+", default=["finetune", *BASELINES], choices=["finetune", *BASELINES],
+                   help="which systems to run (default: all; TRL's need `pip install trl`)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 4 steps (1 warm-up), 1 rep, batch 2, max length 256")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
@@ -137,6 +152,7 @@ def worker_prepare(spec: dict) -> None:
 
 
 def worker_baseline(spec: dict) -> None:
+    """One run of a baseline: ``spec["system"]`` is ``baseline`` (peft + Trainer) or ``trl-*``."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
@@ -152,16 +168,19 @@ def worker_baseline(spec: dict) -> None:
     model.config.use_cache = False
     lora = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=TARGETS,
                       bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    trl = spec["system"].startswith("trl")
+    if not trl:
+        model = get_peft_model(model, lora)
     batches = []  # (non-padding tokens, padded tokens) of each collated batch, in order
 
-    def collate(features):
-        batch = collator(features)
-        batches.append((int(batch["attention_mask"].sum()), int(batch["attention_mask"].numel())))
-        return batch
+    def counted(collator):
+        def collate(features):
+            batch = collator(features)
+            mask = batch.get("attention_mask")
+            real = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())  # padding-free: all real
+            batches.append((real, int(batch["input_ids"].numel())))
+            return batch
+        return collate
 
     step_ends, losses = [], []
 
@@ -179,15 +198,31 @@ def worker_baseline(spec: dict) -> None:
                 losses.append(float(logs["loss"]))
 
     out_dir = tempfile.mkdtemp(prefix="bench-baseline-")
-    targs = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+    common = dict(
+        output_dir=out_dir, gradient_accumulation_steps=1,
         max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no",
         report_to=[], seed=spec["seed"], data_seed=spec["seed"], dataloader_num_workers=0,
-        remove_unused_columns=False, use_cpu=not cuda, bf16=cuda, disable_tqdm=True)
+        use_cpu=not cuda, bf16=cuda, disable_tqdm=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
+    if trl:
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        packing = spec["system"] in ("trl-bfd", "trl-wrapped")
+        targs = SFTConfig(**common, per_device_train_batch_size=spec["rows"] if packing else spec["batch_size"],
+                          max_length=spec["max_length"], packing=packing,
+                          packing_strategy="wrapped" if spec["system"] == "trl-wrapped" else "bfd")
+        data = Dataset.from_list([{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in examples])
+        trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tokenizer,
+                             peft_config=lora, callbacks=[Clock()])
+        trainer.data_collator = counted(trainer.data_collator)
+    else:
+        targs = TrainingArguments(**common, per_device_train_batch_size=spec["batch_size"], remove_unused_columns=False)
+        collate = counted(DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
+        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     n = spec["steps"]
     result = {"step_end_times": step_ends[1:n + 1], "train_begin": step_ends[0],
@@ -239,15 +274,15 @@ def run_finetune(args, spec: dict, rows: int, rep: int, work: Path, env: dict) -
             "process_wall_s": res["wall_s"], "log": res["log"], "command": "finetune train " + " ".join(overrides)}
 
 
-def run_baseline(args, spec: dict, rep: int, work: Path, env: dict) -> dict:
-    result_file = work / f"baseline-{rep}.json"
-    bspec = dict(spec, result=str(result_file))
+def run_baseline(args, spec: dict, system: str, rows: int, rep: int, work: Path, env: dict) -> dict:
+    result_file = work / f"{system}-{rep}.json"
+    bspec = dict(spec, result=str(result_file), system=system, rows=rows)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "baseline", "--spec", json.dumps(bspec)]
-    res = run_measured(cmd, work / f"baseline-{rep}.log", env=env, timeout=args.timeout)
-    check_ok(res, "the peft + Trainer baseline")
+    res = run_measured(cmd, work / f"{system}-{rep}.log", env=env, timeout=args.timeout)
+    check_ok(res, BASELINES[system][0])
     r = json.loads(result_file.read_text())
     tokens, padded = r["tokens_per_step"], r["padded_tokens_per_step"]
-    return {"system": "baseline", "rep": rep,
+    return {"system": system, "rep": rep,
             "tokens_per_s": throughput(r["step_end_times"], tokens, args.warmup_steps),
             "tokens_per_step": sum(tokens) / max(len(tokens), 1),
             "padding_pct": 100.0 * (1 - sum(tokens) / max(sum(padded), 1)),
@@ -260,7 +295,7 @@ def run_baseline(args, spec: dict, rep: int, work: Path, env: dict) -> dict:
 def summarise(runs: list[dict], device: str) -> dict:
     memory_key = "cuda_peak_mb" if device == "cuda" else "peak_rss_mb"
     out = {}
-    for system in ("finetune", "baseline"):
+    for system in ("finetune", *BASELINES):
         mine = [r for r in runs if r["system"] == system]
         if mine:
             out[system] = {"tokens_per_s": median([r["tokens_per_s"] for r in mine]),
@@ -270,13 +305,18 @@ def summarise(runs: list[dict], device: str) -> dict:
                            "padding_pct": median([r["padding_pct"] for r in mine]),
                            "last_loss": median([r["last_loss"] for r in mine]),
                            "trainable_params": mine[0]["trainable_params"], "runs": len(mine)}
-    if "finetune" in out and "baseline" in out:
-        f, b = out["finetune"], out["baseline"]
-        out["speed_ratio"] = f["tokens_per_s"] / b["tokens_per_s"] if f["tokens_per_s"] and b["tokens_per_s"] else None
-        out["memory_ratio"] = (f["peak_memory_mb"] / b["peak_memory_mb"]
-                               if f["peak_memory_mb"] and b["peak_memory_mb"] else None)
-        out["speed_goal_met"] = out["speed_ratio"] is not None and out["speed_ratio"] >= GOAL_SPEED
-        out["memory_goal_met"] = out["memory_ratio"] is not None and out["memory_ratio"] <= GOAL_MEMORY
+    out["ratios"] = {}
+    for system, (_, speed_goal, memory_goal) in BASELINES.items():
+        if "finetune" not in out or system not in out:
+            continue
+        f, b = out["finetune"], out[system]
+        speed = f["tokens_per_s"] / b["tokens_per_s"] if f["tokens_per_s"] and b["tokens_per_s"] else None
+        memory = f["peak_memory_mb"] / b["peak_memory_mb"] if f["peak_memory_mb"] and b["peak_memory_mb"] else None
+        out["ratios"][system] = {
+            "speed": speed, "memory": memory,
+            "speed_goal": speed_goal, "speed_goal_met": None if speed_goal is None else bool(speed and speed >= speed_goal),
+            "memory_goal": memory_goal,
+            "memory_goal_met": None if memory_goal is None else bool(memory and memory <= memory_goal)}
     out["memory_measure"] = "CUDA max_memory_allocated" if device == "cuda" else "peak RSS of the process (ru_maxrss)"
     return out
 
@@ -284,8 +324,9 @@ def summarise(runs: list[dict], device: str) -> dict:
 def markdown(args, spec, rows, stats, summary, runs, info) -> str:
     mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     table = []
-    for system, label in (("finetune", f"`finetune train` (packing, loss_chunk={args.loss_chunk})"),
-                          ("baseline", "peft + Trainer (padding per batch)")):
+    labels = {"finetune": f"`finetune train` (packing, loss_chunk={args.loss_chunk})",
+              **{k: v[0] for k, v in BASELINES.items()}}
+    for system, label in labels.items():
         s = summary.get(system)
         if s:
             pad = "0 (packed)" if system == "finetune" else f"{s['padding_pct']:.1f}"
@@ -293,20 +334,21 @@ def markdown(args, spec, rows, stats, summary, runs, info) -> str:
                           f"{s['peak_memory_mb']:,.0f}", f"{s['tokens_per_step']:,.0f}", pad,
                           f"{s['last_loss']:.3f}" if s["last_loss"] is not None else "-",
                           f"{s['trainable_params']:,}" if s["trainable_params"] else "-"])
-    if "speed_ratio" in summary:
-        sr, mr = summary["speed_ratio"], summary["memory_ratio"]
-        table.append(["**ratio finetune / baseline**",
-                      f"**{sr:.2f}x** (goal >= {GOAL_SPEED}x: {'met' if summary['speed_goal_met'] else 'not met'})"
-                      if sr else "-",
-                      f"**{mr:.2f}x** (goal <= {GOAL_MEMORY}x: {'met' if summary['memory_goal_met'] else 'not met'})"
-                      if mr else "-", "", "", "", ""])
-    lines = [f"# Training throughput: finetune vs peft + Trainer ({args.device})", "",
+    def ratio(value, goal, met, sign):
+        if value is None:
+            return "-"
+        return f"**{value:.2f}x**" + ("" if goal is None else f" (goal {sign} {goal}x: {'met' if met else 'not met'})")
+
+    for system, r in summary.get("ratios", {}).items():
+        table.append([f"**finetune / {labels[system]}**", ratio(r["speed"], r["speed_goal"], r["speed_goal_met"], ">="),
+                      ratio(r["memory"], r["memory_goal"], r["memory_goal_met"], "<="), "", "", "", ""])
+    lines = [f"# Training throughput: finetune vs peft + Trainer and TRL ({args.device})", "",
              f"Hardware: {hardware_line(info)}.", "",
              f"Job: {args.model}, LoRA r={args.rank} alpha={args.alpha:g} on all 7 projections, lr {args.lr:g} "
              f"linear, AdamW, {args.steps} optimizer steps (tokens/s over the last {args.steps - args.warmup_steps}), "
              f"GSM8K train ({stats['examples']} examples, mean {stats['mean_example_tokens']:.0f} tokens), "
-             f"max length {args.max_length}; baseline {args.batch_size} examples per step, finetune {rows} packed rows "
-             f"per step (mean {stats['mean_row_tokens']:.0f} tokens per row). Median of {args.reps} alternating "
+             f"max length {args.max_length}; {args.batch_size} examples per step without packing, {rows} packed rows "
+             f"per step with it (finetune: mean {stats['mean_row_tokens']:.0f} tokens per row). Median of {args.reps} alternating "
              "runs each, every run in its own process.", "",
              md_table(["system", "non-padding tokens/s", mem, "tokens/step", "padding %", "last loss",
                        "trainable params"], table), "",
@@ -350,13 +392,13 @@ def main(argv=None):
           f"baseline {args.batch_size} examples/step, finetune {rows} rows/step", flush=True)
 
     runs = []
-    systems = ["finetune", "baseline"] if not args.only else [args.only]
+    systems = args.systems
     for rep in range(args.reps):
         order = systems if rep % 2 == 0 else systems[::-1]
         for system in order:
             print(f"rep {rep + 1}/{args.reps}: {system} ...", end=" ", flush=True)
             r = (run_finetune(args, spec, rows, rep, work, env) if system == "finetune"
-                 else run_baseline(args, spec, rep, work, env))
+                 else run_baseline(args, spec, system, rows, rep, work, env))
             mem = r["cuda_peak_mb"] if args.device == "cuda" else r["peak_rss_mb"]
             tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
             print(f"{tps} tokens/s, peak {mem:,.0f} MiB, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f} "
