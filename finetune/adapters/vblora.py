@@ -66,8 +66,8 @@ TOPK_WEIGHTS = "_topk_weights"
 # absolute values (1e-3, 1e-2; its models were trained for thousands of steps) leave a short run on a
 # small model at the format-only level; these ratios learn the default task within its budget
 # (docs/benchmarks.md, "Every method on its defaults").
-BANK_LR_RATIO = 5.0
-LOGITS_LR_RATIO = 50.0
+BANK_LR_RATIO = 10.0
+LOGITS_LR_RATIO = 100.0
 
 def tkam(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
     """Top-κ admixture on the last axis: ``(..., h)`` logits → ``(..., b)`` sub-vectors.
