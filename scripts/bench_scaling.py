@@ -43,7 +43,7 @@ from benchlib import (  # noqa: E402
 )
 
 LAUNCHERS = ("none", "ddp", "fsdp", "deepspeed")
-METHODS = {"full": ["method=full", "trainer.lr=1e-5"], "lora": ["method=lora", "method.rank=8"]}
+METHODS = {"full": ["method=full", "method.lr=1e-5"], "lora": ["method=lora", "method.rank=8"]}
 
 
 def parse_args():

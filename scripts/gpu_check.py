@@ -41,7 +41,7 @@ BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4
              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "B200": 2250e12, "GH200": 989e12}
 METHODS = {"lora": ["method=lora"], "mora6": ["method=mora", "method.type=6"],
            "mora1": ["method=mora", "method.type=1", "method.rank=64"], "vblora": ["method=vblora"],
-           "full": ["method=full", "trainer.lr=2e-5"]}
+           "full": ["method=full", "method.lr=2e-5"]}
 COMMON = ["task.eval_limit=4", "task.max_new_tokens=8", "logger=none", "trainer.warmup_steps=2"]
 GPU = ["model=smollm2-135m", "trainer.device=cuda"]
 SMOKE = ["model=tiny", "trainer.device=cpu", "trainer.precision=bf16"]

@@ -153,7 +153,7 @@ def test_cli_export_gguf(lora_run, tmp_path):
     ("qwen2", "qwen2", []),
     ("gpt2", "llama", ["method=mora", "method.rank=8"]),
     ("gpt2", "llama", ["method=vblora", "method.vector_length=16", "method.num_vectors=32"]),
-    ("llama-bpe", "llama", ["method=full", "trainer.lr=1e-3"]),
+    ("llama-bpe", "llama", ["method=full", "method.lr=1e-3"]),
     ("spm", "mistral", ["method=lora", "model.quantize=4bit"]),
 ], ids=["qwen2-lora", "mora", "vblora", "llama3-split-full", "spm-mistral-4bit"])
 def test_methods_bases_and_tokenizers(tmp_path, kind, arch, overrides):

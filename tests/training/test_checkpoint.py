@@ -93,7 +93,7 @@ def test_no_pickle_in_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("method", [
     ["method=lora", "method.dropout=0.1"],  # dropout: the RNG state matters
     ["method=mora", "method.type=1", "method.remora_every=2", "method.remora_warmup=1", "method.rank=4"],
-    ["method=full", "trainer.lr=1e-4"],
+    ["method=full", "method.lr=1e-4"],
 ], ids=["lora-dropout", "remora", "full"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, method):
     common = [*method, "trainer.max_steps=4", "trainer.save_every=3", "trainer.keep_checkpoints=0",

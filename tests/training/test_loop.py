@@ -95,7 +95,7 @@ def test_only_adapter_weights_change(tmp_path):
 
 
 def test_full_fine_tuning_trains_everything(tmp_path):
-    run_tiny(tmp_path, "method=full", "trainer.max_steps=2", "trainer.lr=1e-3")
+    run_tiny(tmp_path, "method=full", "trainer.max_steps=2", "method.lr=1e-3")
     base = load_file(tmp_path / "run" / "base" / "model.safetensors")
     trained = load_file(tmp_path / "run" / "adapter.safetensors")
     changed = [k for k in base if not torch.equal(base[k], trained[k])]
