@@ -38,9 +38,10 @@ from finetune.data.examples import IGNORE
 
 def model_inputs(batch: dict) -> dict:
     """The model's keyword arguments. Packed rows (``position_ids``, finetune.data.packing.pack) go without
-    the padding mask: given position ids, no mask and no KV cache (``use_cache=False``),
-    transformers builds the block-diagonal causal mask from the position restarts (sdpa/eager) or
-    uses variable-length attention (flash)."""
+    the padding mask: given position ids, no mask and no KV cache (``use_cache=False``), the
+    attention keeps the examples apart: per example (finetune.models.attention, for sdpa models in
+    training), with the block-diagonal causal mask transformers builds from the position restarts
+    (eager), or by variable-length attention (flash)."""
     drop = ("labels", "attention_mask") if "position_ids" in batch else ("labels",)
     return {k: v for k, v in batch.items() if k not in drop}
 

@@ -37,6 +37,7 @@ from finetune.environment import (
     reset_peak_memory,
 )
 from finetune.errors import RunInterrupted, TrainingError, UserError
+from finetune.models.attention import use_for_training
 from finetune.models.device import base_dtype, device_type, mixed_precision
 from finetune.models.load import count_params, load_model
 from finetune.models.loss import causal_lm_loss_sum
@@ -205,6 +206,7 @@ def set_up(s: Session) -> None:
         raise UserError(f"task.max_length={cfg.task.max_length} is longer than model={cfg.model.name}'s context of "
                         f"{context} positions (max_position_embeddings); use task.max_length <= {context}")
     s.base_params = count_params(model)
+    use_for_training(model)  # packed rows: attention within each example only (sdpa models)
     s.adapter = adapters.attach(model, cfg.method.name, method_settings(cfg))
     # Base modules the task trains in full next to the adapter (pretraining: embeddings, norms,
     # lm_head); they are saved with the base in RUN_DIR/base at the end.

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Where a training step's time goes: `finetune train` in this process, with torch's profiler on
+for a few optimizer steps after a warm-up, and the operators' own (self) CPU time summed into a
+few kinds: GEMMs, attention, the loss head, elementwise, normalisation and reductions, copies and
+layout, the optimizer, and the rest (Python and framework time outside any operator is the
+difference between the steps' wall time and the operators' sum).
+
+    python scripts/profile_step.py                                   # the default run (memorize)
+    python scripts/profile_step.py --job gsm8k                       # bench_throughput's job
+    python scripts/profile_step.py --job gsm8k -- method=mora        # plus any overrides
+
+Writes docs/bench/profile-<job>-<device>.json and .md (the kinds, and the top operators).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import bench_parser, hardware_info, hardware_line, md_table, output_path, print_hardware, write_outputs  # noqa: E402
+
+GSM8K = "/work/shared/data/gsm8k/train.jsonl"
+# bench_throughput's finetune job (its defaults: 3 packed rows of 512 tokens, LoRA r=8 on all projections)
+JOBS = {"memorize": [],
+        "gsm8k": ["task=gsm8k", f"task.data.path={GSM8K}", "task.max_length=512", "task.packing=true",
+                  "task.on_overflow=truncate", "method=lora", "method.rank=8", "method.alpha=16", "method.dropout=0.0",
+                  "trainer.batch_size=3", "trainer.grad_accum=1", "trainer.lr=2e-4", "trainer.schedule=linear",
+                  "trainer.warmup_steps=0", "trainer.weight_decay=0.0", "trainer.loss_chunk=1024"]}
+
+# operator name (as the profiler reports it, without "aten::") -> kind; first matching rule wins
+KINDS = [
+    ("attention", ("_scaled_dot_product", "scaled_dot_product", "_flash_attention", "_efficient_attention", "softmax_backward", "_softmax")),
+    ("loss head", ("logsumexp", "gather", "scatter", "ChunkedLinearCrossEntropy", "cross_entropy", "nll_loss",
+                   "log_softmax")),
+    ("GEMM", ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm", "_LinearLowRank", "_Mora", "_Low")),
+    ("optimizer", ("_foreach", "adam", "clip_grad", "_fused_adam")),
+    ("normalisation, reductions", ("mean", "sum", "rsqrt", "pow", "norm", "var", "amax", "max")),
+    ("copies, layout", ("copy_", "clone", "cat", "contiguous", "to", "_to_copy", "empty", "zeros", "fill_",
+                        "index", "slice", "transpose", "view", "reshape", "expand", "permute", "t", "narrow",
+                        "stack", "split", "select", "unsqueeze", "squeeze", "as_strided", "zero_", "new_")),
+    ("elementwise", ("mul", "add", "sub", "div", "silu", "sigmoid", "exp", "neg", "where", "cos", "sin",
+                     "threshold", "gelu", "tanh", "masked_fill", "rsub", "reciprocal", "sqrt", "relu")),
+]
+
+
+def kind_of(name: str) -> str:
+    """An operator's kind: its name equals a key, or starts with a key longer than three letters."""
+    op = name.split("::")[-1].lower().rstrip("_")  # in-place variants (add_) count with their op
+    for kind, keys in KINDS:
+        if any(op == k.lower() or (len(k) > 3 and op.startswith(k.lower())) for k in keys):
+            return kind
+    return "other"
+
+
+def main() -> None:
+    p = bench_parser(__doc__, "profile")
+    p.add_argument("--job", choices=list(JOBS), default="memorize")
+    p.add_argument("--warmup", type=int, default=3, help="optimizer steps before the profiler starts")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps profiled")
+    p.add_argument("overrides", nargs="*", help="extra config overrides (after --)")
+    args = p.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from finetune.config.compose import compose
+    from finetune.training import loop
+
+    info = hardware_info(args.device)
+    print_hardware(info)
+    out_dir = Path(tempfile.mkdtemp(prefix="profile-"))
+    overrides = [*JOBS[args.job], *args.overrides, f"trainer.device={args.device}",
+                 f"trainer.max_steps={args.warmup + args.steps + 1}", "task.eval_limit=1", "task.max_new_tokens=1",
+                 "trainer.merge=false", "logger=none", "trainer.save_every=0", f"output_dir={out_dir}"]
+    cfg = compose(overrides)
+
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else []))
+    window = {"calls": 0, "start": 0.0, "seconds": 0.0}
+    original = loop.accumulate_gradients
+
+    def accumulate(model, micro, parallel, loss_chunk=0):
+        # The window opens before step warmup+1's forward and closes before the forward of the step
+        # after the last profiled one, so it holds whole steps: data, forward, backward, clipping,
+        # optimizer, schedule, logging (the extra step after it keeps evaluation and saving out).
+        if window["calls"] == args.warmup:
+            prof.start()
+            window["start"] = time.perf_counter()
+        elif window["calls"] == args.warmup + args.steps:
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            prof.stop()
+            window["seconds"] = time.perf_counter() - window["start"]
+        window["calls"] += 1
+        return original(model, micro, parallel, loss_chunk)
+
+    loop.accumulate_gradients = accumulate
+    try:
+        summary = loop.train(cfg, overrides, quiet=True)
+    finally:
+        loop.accumulate_gradients = original
+    events = prof.key_averages()
+    kinds: dict[str, float] = {}
+    top = []
+    for e in events:
+        self_us = e.self_cpu_time_total
+        if self_us <= 0:
+            continue
+        kind = kind_of(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + self_us / 1e6
+        top.append((self_us / 1e6, e.key, kind, e.count))
+    top.sort(reverse=True)
+    ops_total = sum(kinds.values())
+    records = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x]
+    steps = [r for r in records if "loss" in r and "time" in r][args.warmup:args.warmup + args.steps]
+    mfu = [r["mfu"] for r in steps if r.get("mfu")]
+    tps = [r["tokens_per_s"] for r in steps]
+    result = {"job": args.job, "overrides": overrides, "hardware": info, "profiled_steps": args.steps,
+              "operator_seconds": ops_total, "wall_seconds": window["seconds"], "kinds_s": kinds,
+              "mfu_mean": sum(mfu) / len(mfu) if mfu else None,
+              "tokens_per_s_mean": sum(tps) / len(tps) if tps else None,
+              "top": [{"op": k, "kind": kind, "self_s": s, "calls": c} for s, k, kind, c in top[:25]]}
+    kinds["outside operators (Python, framework)"] = max(window["seconds"] - ops_total, 0.0)
+    wall = window["seconds"]
+    rows = [[kind, f"{s:.2f}", f"{100 * s / wall:.1f}%"] for kind, s in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    top_rows = [[f"`{k}`", kind, f"{s:.2f}", f"{100 * s / wall:.1f}%", f"{c:,}"] for s, k, kind, c in top[:15]]
+    command = "python scripts/profile_step.py " + " ".join(sys.argv[1:])
+    md = (f"# Where the time goes: {args.job} ({args.device})\n\n"
+          f"Command: `{command.strip()}`  \nDate: {time.strftime('%Y-%m-%d')}  \nHardware: {hardware_line(info)}\n\n"
+          f"{args.steps} optimizer steps after {args.warmup} warm-up steps; mean MFU of those steps "
+          f"{100 * (result['mfu_mean'] or 0):.0f}%, {result['tokens_per_s_mean'] or 0:,.0f} tokens/s. Self CPU "
+          f"time of the operators by kind, as shares of the {wall:.1f} s the profiled steps took (with the "
+          "profiler's own overhead):\n\n"
+          + md_table(["kind", "seconds", "share"], rows) + "\n\nThe top operators:\n\n"
+          + md_table(["operator", "kind", "seconds", "share", "calls"], top_rows) + "\n")
+    print(md)
+    write_outputs(output_path(args, f"profile-{args.job}"), result, md)
+
+
+if __name__ == "__main__":
+    main()
