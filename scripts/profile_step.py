@@ -39,7 +39,7 @@ KINDS = [
     ("GEMM", ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm", "_LinearLowRank", "_Mora", "_Low")),
     ("optimizer", ("_foreach", "adam", "clip_grad", "_fused_adam")),
     ("normalisation, reductions", ("mean", "sum", "rsqrt", "pow", "norm", "var", "amax", "max")),
-    ("copies, layout", ("copy_", "clone", "cat", "contiguous", "to", "_to_copy", "empty", "zeros", "fill_",
+    ("copies, layout", ("copy", "clone", "cat", "contiguous", "to", "_to_copy", "empty", "zeros", "fill_",
                         "index", "slice", "transpose", "view", "reshape", "expand", "permute", "t", "narrow",
                         "stack", "split", "select", "unsqueeze", "squeeze", "as_strided", "zero_", "new_")),
     ("elementwise", ("mul", "add", "sub", "div", "silu", "sigmoid", "exp", "neg", "where", "cos", "sin",

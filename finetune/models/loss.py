@@ -190,12 +190,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 tc = targets[start:start + chunk]
                 logits = F.linear(hc, weight, bias)
                 logits = logits.to(torch.promote_types(logits.dtype, acc))
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+                picked = logits.gather(1, tc[:, None]).squeeze(1)
+                # log-sum-exp and softmax in place, in one pass of exp over the chunk's logits
+                top = logits.amax(dim=-1, keepdim=True)
+                p = logits.sub_(top).exp_()
+                z = p.sum(dim=-1, keepdim=True)
+                total += (top + z.log() - picked[:, None]).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                # d loss / d logits = softmax(logits) − onehot(target), computed in place
-                g = logits.sub_(lse[:, None]).exp_()
+                # d loss / d logits = softmax(logits) − onehot(target)
+                g = p.div_(z)
                 g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
                 if need_b:
                     grad_b += g.sum(0)
@@ -204,7 +208,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_h[start:start + chunk] = g @ w_c
                 if need_w:
                     grad_w += (g.T @ hc.to(cdtype)).to(acc)
-                del logits, g
+                del logits, p, g
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
