@@ -31,27 +31,40 @@ JOBS = {"memorize": [],
                   "trainer.batch_size=3", "trainer.grad_accum=1", "trainer.lr=2e-4", "trainer.schedule=linear",
                   "trainer.warmup_steps=0", "trainer.weight_decay=0.0", "trainer.loss_chunk=1024"]}
 
-# operator name (as the profiler reports it, without "aten::") -> kind; first matching rule wins
+# Ranges whose operators all count as one kind, by the range's name (an ancestor of the operator):
+# the optimizer's step, the chunked loss (its forward computes the head's gradients too), attention.
+RANGES = [("optimizer", ("Optimizer.step", "Optimizer.zero_grad", "clip_grad")),
+          ("loss head", ("ChunkedLinearCrossEntropy",)),
+          ("attention", ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product"))]
+# Otherwise by the operator's own name (without "aten::"); first matching rule wins.
 KINDS = [
-    ("attention", ("_scaled_dot_product", "scaled_dot_product", "_flash_attention", "_efficient_attention", "softmax_backward", "_softmax")),
-    ("loss head", ("logsumexp", "gather", "scatter", "ChunkedLinearCrossEntropy", "cross_entropy", "nll_loss",
-                   "log_softmax")),
-    ("GEMM", ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm", "_LinearLowRank", "_Mora", "_Low")),
-    ("optimizer", ("_foreach", "adam", "clip_grad", "_fused_adam")),
-    ("normalisation, reductions", ("mean", "sum", "rsqrt", "pow", "norm", "var", "amax", "max")),
-    ("copies, layout", ("copy", "clone", "cat", "contiguous", "to", "_to_copy", "empty", "zeros", "fill_",
+    ("GEMM", ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm")),
+    ("normalisation, reductions", ("mean", "sum", "rsqrt", "pow", "norm", "var", "amax", "max", "logsumexp")),
+    ("copies, layout", ("copy", "clone", "cat", "contiguous", "to", "_to_copy", "empty", "zeros", "fill",
                         "index", "slice", "transpose", "view", "reshape", "expand", "permute", "t", "narrow",
-                        "stack", "split", "select", "unsqueeze", "squeeze", "as_strided", "zero_", "new_")),
+                        "stack", "split", "select", "unsqueeze", "squeeze", "as_strided", "zero", "new",
+                        "gather", "scatter", "unbind")),
     ("elementwise", ("mul", "add", "sub", "div", "silu", "sigmoid", "exp", "neg", "where", "cos", "sin",
-                     "threshold", "gelu", "tanh", "masked_fill", "rsub", "reciprocal", "sqrt", "relu")),
+                     "threshold", "gelu", "tanh", "masked_fill", "rsub", "reciprocal", "sqrt", "relu", "lerp",
+                     "addcmul", "addcdiv")),
 ]
 
 
-def kind_of(name: str) -> str:
-    """An operator's kind: its name equals a key, or starts with a key longer than three letters."""
-    op = name.split("::")[-1].lower().rstrip("_")  # in-place variants (add_) count with their op
+def kind_of(event) -> str:
+    """An operator's kind: that of a range it runs in, else by its name (equal to a key, or starting
+    with a key longer than three letters; in-place variants count with their operator)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        for kind, names in RANGES:
+            if parent.name.startswith(names):
+                return kind
+        parent = parent.cpu_parent
+    for kind, names in RANGES:
+        if event.name.startswith(names):
+            return kind
+    op = event.name.split("::")[-1].lower().rstrip("_")
     for kind, keys in KINDS:
-        if any(op == k.lower() or (len(k) > 3 and op.startswith(k.lower())) for k in keys):
+        if any(op == k or (len(k) > 3 and op.startswith(k)) for k in keys):
             return kind
     return "other"
 
@@ -101,26 +114,31 @@ def main() -> None:
         summary = loop.train(cfg, overrides, quiet=True)
     finally:
         loop.accumulate_gradients = original
-    events = prof.key_averages()
     kinds: dict[str, float] = {}
-    top = []
-    for e in events:
-        self_us = e.self_cpu_time_total
-        if self_us <= 0:
+    by_op: dict[tuple[str, str], list] = {}  # (operator, kind) -> [seconds, calls]
+    for e in prof.events():
+        if e.self_cpu_time_total <= 0:
             continue
-        kind = kind_of(e.key)
-        kinds[kind] = kinds.get(kind, 0.0) + self_us / 1e6
-        top.append((self_us / 1e6, e.key, kind, e.count))
+        kind = kind_of(e)
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+        entry = by_op.setdefault((e.name, kind), [0.0, 0])
+        entry[0] += e.self_cpu_time_total / 1e6
+        entry[1] += 1
+    top = [(seconds, name, kind, calls) for (name, kind), (seconds, calls) in by_op.items()]
     top.sort(reverse=True)
     ops_total = sum(kinds.values())
     records = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x]
-    steps = [r for r in records if "loss" in r and "time" in r][args.warmup:args.warmup + args.steps]
+    every = [r for r in records if "loss" in r and "time" in r]
+    steps = every[args.warmup:args.warmup + args.steps]
     mfu = [r["mfu"] for r in steps if r.get("mfu")]
     tps = [r["tokens_per_s"] for r in steps]
+    # the same job without the profiler: the warm-up steps after the first, and the step after the window
+    plain = [r["tokens_per_s"] for r in every[1:args.warmup] + every[args.warmup + args.steps:]]
     result = {"job": args.job, "overrides": overrides, "hardware": info, "profiled_steps": args.steps,
               "operator_seconds": ops_total, "wall_seconds": window["seconds"], "kinds_s": kinds,
               "mfu_mean": sum(mfu) / len(mfu) if mfu else None,
               "tokens_per_s_mean": sum(tps) / len(tps) if tps else None,
+              "tokens_per_s_unprofiled": sum(plain) / len(plain) if plain else None,
               "top": [{"op": k, "kind": kind, "self_s": s, "calls": c} for s, k, kind, c in top[:25]]}
     kinds["outside operators (Python, framework)"] = max(window["seconds"] - ops_total, 0.0)
     wall = window["seconds"]
@@ -130,7 +148,9 @@ def main() -> None:
     md = (f"# Where the time goes: {args.job} ({args.device})\n\n"
           f"Command: `{command.strip()}`  \nDate: {time.strftime('%Y-%m-%d')}  \nHardware: {hardware_line(info)}\n\n"
           f"{args.steps} optimizer steps after {args.warmup} warm-up steps; mean MFU of those steps "
-          f"{100 * (result['mfu_mean'] or 0):.0f}%, {result['tokens_per_s_mean'] or 0:,.0f} tokens/s. Self CPU "
+          f"{100 * (result['mfu_mean'] or 0):.0f}%, {result['tokens_per_s_mean'] or 0:,.0f} tokens/s under the "
+          f"profiler ({result['tokens_per_s_unprofiled'] or 0:,.0f} tokens/s in the steps around them, without it). "
+          "Self CPU "
           f"time of the operators by kind, as shares of the {wall:.1f} s the profiled steps took (with the "
           "profiler's own overhead):\n\n"
           + md_table(["kind", "seconds", "share"], rows) + "\n\nThe top operators:\n\n"

@@ -21,3 +21,18 @@ def test_gpu_check_smoke(tmp_path):
     assert len(names) == 15 and all(r["ok"] for r in results)
     assert {"bf16 vblora", "4bit mora6", "8bit lora", "fsdp x1 full", "deepspeed x1 lora"} <= set(names)
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in results)
+
+
+def test_profile_step_accounts_for_the_step(tmp_path):
+    """The profiler window holds whole training steps and every operator lands in one kind."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), "--warmup", "1", "--steps",
+                           "2", "--out", str(tmp_path / "profile"), "model=tiny", "method=lora"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "profile.json").read_text())
+    kinds = result["kinds_s"]
+    assert kinds["GEMM"] > 0 and kinds["attention"] > 0 and kinds["optimizer"] > 0
+    assert abs(sum(v for k, v in kinds.items() if not k.startswith("outside")) - result["operator_seconds"]) < 1e-6
+    assert 0 < result["operator_seconds"] <= result["wall_seconds"] * 1.05
+    assert result["tokens_per_s_unprofiled"] > 0
