@@ -80,3 +80,19 @@ def test_not_saved_with_the_model(tiny_model, tmp_path):
 def test_other_implementations_are_left_alone(tiny_model):
     tiny_model.set_attn_implementation("eager")
     assert not use_for_training(tiny_model) and tiny_model.config._attn_implementation == "eager"
+
+
+def test_gradient_checkpointing_recomputes_the_same_cut(tiny_model):
+    """Checkpointed layers call attention again in the backward: same segments, same gradients."""
+    import copy
+
+    plain = copy.deepcopy(tiny_model).train()
+    checkpointed = copy.deepcopy(tiny_model).train()
+    for m in (plain, checkpointed):
+        use_for_training(m)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, row, pos = packed_row(tiny_model.config.vocab_size, [9, 4, 11])
+    for m in (plain, checkpointed):
+        m(input_ids=row, position_ids=pos, labels=row, use_cache=False).loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
