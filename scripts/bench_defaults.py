@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,7 +27,7 @@ from benchlib import (  # noqa: E402
     check_ok,
     child_env,
     hardware_info,
-    hardware_line,
+    md_heading,
     md_table,
     output_path,
     print_hardware,
@@ -70,9 +69,8 @@ def main() -> None:
                      f"≥ 90 %: {met}" if name in ("lora", "mora", "vblora", "full") else "(reference)"])
         print(f"  char_acc {metrics['char_acc']:.4f}, exact {metrics['exact_match']:.4f}, {r['wall_s']:.0f} s", flush=True)
     command = "python scripts/bench_defaults.py " + " ".join(sys.argv[1:])
-    md = (f"# Every method on its defaults ({args.device})\n\n"
-          f"Command: `{command.strip()}`  \nDate: {time.strftime('%Y-%m-%d')}  \nHardware: {hardware_line(info)}\n\n"
-          "Each row is one `finetune train` process with nothing changed but the method: the embedded "
+    md = (md_heading(f"Every method on its defaults ({args.device})", info)
+          + "Each row is one `finetune train` process with nothing changed but the method: the embedded "
           "SmolLM2-135M-Instruct, the memorize task (32 UUID pairs; 96 steps of batch 8 at trainer.lr 4e-3), "
           "evaluation on all pairs and the merge included in the wall time.\n\n"
           + md_table(["command", "char accuracy", "exact pairs", "wall min", "peak RSS MiB", "MFU", "goal"], rows)

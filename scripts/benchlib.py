@@ -107,6 +107,14 @@ def hardware_line(info: dict) -> str:
             f"load average {info.get('load_average_1m_at_start')} at start")
 
 
+def md_heading(title: str, info: dict, *more: str) -> str:
+    """A result page's title, then the command that made it (this script and its arguments), the date,
+    the hardware and any ``more`` lines."""
+    command = " ".join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    lines = [f"Command: `{command}`", f"Date: {time.strftime('%Y-%m-%d')}", f"Hardware: {hardware_line(info)}", *more]
+    return f"# {title}\n\n" + "  \n".join(lines) + "\n\n"
+
+
 def write_outputs(out: Path, data: dict, markdown: str) -> tuple[Path, Path]:
     """``out``.json and ``out``.md (``out`` without suffix)."""
     out = Path(out)

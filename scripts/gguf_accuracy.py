@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, bench_parser, hardware_info, hardware_line, md_table, output_path, print_hardware, write_outputs  # noqa: E402,I001
+from benchlib import ROOT, bench_parser, hardware_info, md_heading, md_table, output_path, print_hardware, write_outputs  # noqa: E402,I001
 
 GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 
@@ -125,12 +125,11 @@ def main() -> None:
             path.unlink()
     scale = reference.abs().max().item()
     command = "python scripts/gguf_accuracy.py " + " ".join(sys.argv[1:])
-    md = (f"# GGUF export: logit differences per type ({args.device})\n\n"
-          f"Command: `{command.strip()}`  \nDate: {time.strftime('%Y-%m-%d')}  \nHardware: {hardware_line(info)}  \n"
-          f"Model: {what}  \nPrompts: {x.shape[0]} GSM8K test questions in the chat template, {x.shape[1]} tokens "
-          f"each; logits over all {x.shape[0] * x.shape[1]} positions × {reference.shape[-1]} tokens "
-          f"(largest |logit| of the reference: {scale:.3g}).\n\n"
-          "Each file was read back by plain transformers (`from_pretrained(dir, gguf_file=...)`, which dequantizes "
+    md = (md_heading(f"GGUF export: logit differences per type ({args.device})", info, f"Model: {what}",
+                     f"Prompts: {x.shape[0]} GSM8K test questions in the chat template, {x.shape[1]} tokens "
+                     f"each; logits over all {x.shape[0] * x.shape[1]} positions × {reference.shape[-1]} tokens "
+                     f"(largest |logit| of the reference: {scale:.3g}).")
+          + "Each file was read back by plain transformers (`from_pretrained(dir, gguf_file=...)`, which dequantizes "
           "to fp32) and compared with the model finetune exported, in fp32.\n\n"
           + md_table(["type", "file MiB", "export s", "largest logit diff", "mean logit diff",
                       "largest log-prob diff", "top-1 agrees"], rows) + "\n")

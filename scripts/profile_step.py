@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import bench_parser, hardware_info, hardware_line, md_table, output_path, print_hardware, write_outputs  # noqa: E402
+from benchlib import bench_parser, hardware_info, md_heading, md_table, output_path, print_hardware, write_outputs  # noqa: E402
 
 GSM8K = "/work/shared/data/gsm8k/train.jsonl"
 # bench_throughput's finetune job (its defaults: 3 packed rows of 512 tokens, LoRA r=8 on all projections)
@@ -144,10 +144,8 @@ def main() -> None:
     wall = window["seconds"]
     rows = [[kind, f"{s:.2f}", f"{100 * s / wall:.1f}%"] for kind, s in sorted(kinds.items(), key=lambda kv: -kv[1])]
     top_rows = [[f"`{k}`", kind, f"{s:.2f}", f"{100 * s / wall:.1f}%", f"{c:,}"] for s, k, kind, c in top[:15]]
-    command = "python scripts/profile_step.py " + " ".join(sys.argv[1:])
-    md = (f"# Where the time goes: {args.job} ({args.device})\n\n"
-          f"Command: `{command.strip()}`  \nDate: {time.strftime('%Y-%m-%d')}  \nHardware: {hardware_line(info)}\n\n"
-          f"{args.steps} optimizer steps after {args.warmup} warm-up steps; mean MFU of those steps "
+    md = (md_heading(f"Where the time goes: {args.job} ({args.device})", info)
+          + f"{args.steps} optimizer steps after {args.warmup} warm-up steps; mean MFU of those steps "
           f"{100 * (result['mfu_mean'] or 0):.0f}%, {result['tokens_per_s_mean'] or 0:,.0f} tokens/s under the "
           f"profiler ({result['tokens_per_s_unprofiled'] or 0:,.0f} tokens/s in the steps around them, without it). "
           "Self CPU "
