@@ -12,8 +12,8 @@ It is registered with transformers' attention interface as ``PACKED`` and set on
 training (``use_for_training``); it is not saved with a model (transformers leaves the attention
 implementation out of config.json). Only a module in training mode whose row and keys are the
 position ids' row is cut; everything else (one example per row, evaluation and generation, whose
-left-padded prompts also have irregular position ids, a KV cache) goes to transformers' own sdpa
-function unchanged.
+left-padded prompts also have irregular position ids, a KV cache, soft-capping or attention sinks,
+an example longer than a sliding window) goes to transformers' own sdpa function unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 PACKED = "finetune_packed_sdpa"
+# attention-interface arguments under which attention is not plain causal softmax attention
+# (logit soft-capping, attention sinks, relative position bias, head masks): transformers' path
+CHANGE_THE_MATH = ("softcap", "s_aux", "position_bias", "head_mask")
 
 
 def segments(position_ids: torch.Tensor) -> list[list[int]] | None:
@@ -63,9 +66,12 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     position_ids = kwargs.get("position_ids")
     lengths = None
     if (module.training and position_ids is not None and position_ids.dim() == 2 and query.shape[2] > 1
-            and query.shape[2] == key.shape[2] == position_ids.shape[1] and kwargs.get("softcap") is None
-            and getattr(module, "is_causal", True)):
+            and query.shape[2] == key.shape[2] == position_ids.shape[1] and getattr(module, "is_causal", True)
+            and all(kwargs.get(k) is None for k in CHANGE_THE_MATH)):
         lengths = _Segments.of(position_ids)
+        window = kwargs.get("sliding_window")
+        if lengths is not None and window and max(max(cut) for cut in lengths) > window:
+            lengths = None  # an example longer than the window: the mask says what each token sees
     if lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

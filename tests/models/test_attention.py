@@ -96,3 +96,24 @@ def test_gradient_checkpointing_recomputes_the_same_cut(tiny_model):
         m(input_ids=row, position_ids=pos, labels=row, use_cache=False).loss.backward()
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_sliding_window_shorter_than_an_example_takes_transformers_path():
+    """Mistral-style sliding windows: examples within the window are cut as usual; an example longer
+    than the window is left to transformers' mask, so the result is transformers' either way."""
+    import copy
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                           attn_implementation="sdpa")
+    theirs = MistralForCausalLM(config).train()
+    ours = copy.deepcopy(theirs)
+    assert use_for_training(ours)
+    for lengths in ([5, 6, 3], [5, 9, 3]):
+        _, row, pos = packed_row(64, lengths, seed=2)
+        torch.testing.assert_close(ours(input_ids=row, position_ids=pos, use_cache=False).logits,
+                                   theirs(input_ids=row, position_ids=pos, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)
