@@ -98,6 +98,9 @@ def use_for_training(model) -> bool:
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return False
+    can_set = getattr(model, "_can_set_attn_implementation", None)  # models with their own attention code
+    if can_set is not None and not can_set():
+        return False
     _register()
     model.set_attn_implementation(PACKED)
     return model.config._attn_implementation == PACKED
