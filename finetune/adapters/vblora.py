@@ -69,6 +69,7 @@ TOPK_WEIGHTS = "_topk_weights"
 BANK_LR_RATIO = 10.0
 LOGITS_LR_RATIO = 100.0
 
+
 def tkam(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
     """Top-κ admixture on the last axis: ``(..., h)`` logits → ``(..., b)`` sub-vectors.
 

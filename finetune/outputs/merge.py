@@ -85,10 +85,8 @@ MERGE_BASES = ("dequantized", "original")
 
 def load_for_merge(run: RunDir, base: str | None = None):
     """The run's base with its adapter attached, as merging needs it: ``(model, adapter, tokenizer,
-    cfg, quant, base)``. ``base`` as in :func:`merge_run`; returned resolved ("original" for a
+    cfg, quant, base)``. ``base`` as in :func:`merge_run` (which checks it); returned resolved ("original" for a
     full-precision run). The model is still quantized: :func:`dequantize_model` comes next."""
-    if base is not None and base not in MERGE_BASES:
-        raise UserError(f"--base {base}: allowed: {', '.join(MERGE_BASES)}")
     quant = quantized_base(run.config())
     base = "original" if not quant else (base or "dequantized")
     model, adapter, tokenizer, cfg = load_run(run.path, original_base=base == "original", stored_dtype=True)

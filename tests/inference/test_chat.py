@@ -54,6 +54,12 @@ class Terminal:
     def type(self, text: str) -> None:
         os.write(self.fd, text.encode())
 
+    def say(self, *lines: str) -> None:
+        """At each ``you>`` prompt, type the next line and Enter."""
+        for line in lines:
+            self.until("you> ")
+            self.type(line + "\r")
+
     def close(self) -> int:
         _, status = os.waitpid(self.pid, 0)
         os.close(self.fd)
@@ -63,18 +69,7 @@ class Terminal:
 def test_a_two_turn_conversation_sends_the_first_answer_back(run, tmp_path):
     transcript = tmp_path / "chat.jsonl"
     term = Terminal(run, "--transcript", transcript, "--max-new-tokens", 8)
-    term.until("you> ")
-    term.type("hello\r")
-    term.until("you> ")
-    term.type("and then?\r")
-    term.until("you> ")
-    term.type("/system Answer briefly.\r")
-    term.until("you> ")
-    term.type("/reset\r")
-    term.until("you> ")
-    term.type("fresh start\r")
-    term.until("you> ")
-    term.type("/exit\r")
+    term.say("hello", "and then?", "/system Answer briefly.", "/reset", "fresh start", "/exit")
     assert term.close() == 0
     turns = [json.loads(line) for line in transcript.read_text().splitlines()]
     assert [t["turn"] for t in turns] == [1, 2, 3]
@@ -92,14 +87,12 @@ def test_a_two_turn_conversation_sends_the_first_answer_back(run, tmp_path):
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(run, tmp_path):
     transcript = tmp_path / "chat.jsonl"
     term = Terminal(run, "--transcript", transcript, "--max-new-tokens", 100000)
-    term.until("you> ")
-    term.type("talk for a long time\r")
+    term.say("talk for a long time")
     term.until("model> ")
     time.sleep(1.0)
     term.type("\x03")  # Ctrl-C: the terminal sends SIGINT
     term.until("[stopped]")
-    term.until("you> ")
-    term.type("/exit\r")
+    term.say("/exit")
     assert term.close() == 0
     (turn,) = [json.loads(line) for line in transcript.read_text().splitlines()]
     assert turn["stopped"] is True and 0 < len(turn["answer_ids"]) < 100000
