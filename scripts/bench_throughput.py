@@ -12,10 +12,13 @@ The same fine-tuning job several ways, each run in its own process, alternating:
                with transformers' Trainer, the same tokenized examples (unpacked), padded per
                batch to the longest example (DataCollatorForSeq2Seq, labels -100 on padding), the
                model's standard cross-entropy.
+    finetune-recompute  the same with trainer.gradient_checkpointing=true: each decoder layer's
+               activations recomputed in the backward instead of kept (TRL's default, below).
     trl-bfd    TRL's SFTTrainer + peft (`pip install trl`), the same tokenized examples (their labels:
                loss on the answer), `packing=True, packing_strategy="bfd"`: best-fit packing,
                padding-free (examples kept apart by position ids), as many packed rows per step
-               as finetune.
+               as finetune. SFTConfig's defaults are kept, among them gradient_checkpointing=True
+               (activations recomputed; transformers' Trainer defaults to False).
     trl-wrapped  the same with `packing_strategy="wrapped"`: rows cut at max length, examples
                attending to each other across their boundaries.
     trl-nopack   the same without packing: --batch-size examples per step, padded per batch.
@@ -72,6 +75,9 @@ from benchlib import (  # noqa: E402
 
 DATA = "/work/shared/data/gsm8k/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# finetune's two ways: system -> (what it adds to the job's overrides, label suffix)
+FINETUNE = {"finetune": ([], ""),
+            "finetune-recompute": (["trainer.gradient_checkpointing=true"], ", activations recomputed")}
 # system -> (label, speed goal: finetune's tokens/s at least this multiple, memory goal: at most this fraction)
 BASELINES = {"baseline": ("peft + Trainer (padding per batch)", 1.5, 0.6),
              "trl-bfd": ("TRL SFTTrainer + peft, packing bfd (padding-free)", 2.5, 0.5),
@@ -96,7 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
     p.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `finetune train` override (repeatable), e.g. trainer.gradient_checkpointing=true")
-    p.add_argument("--systems", nargs="+", default=["finetune", *BASELINES], choices=["finetune", *BASELINES],
+    p.add_argument("--systems", nargs="+", default=[*FINETUNE, *BASELINES], choices=[*FINETUNE, *BASELINES],
                    help="which systems to run (default: all; TRL's need `pip install trl`)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 4 steps (1 warm-up), 1 rep, batch 2, max length 256")
@@ -213,6 +219,7 @@ def worker_baseline(spec: dict) -> None:
         packing = spec["system"] in ("trl-bfd", "trl-wrapped")
         targs = SFTConfig(**common, per_device_train_batch_size=spec["rows"] if packing else spec["batch_size"],
                           max_length=spec["max_length"], packing=packing,
+                          gradient_checkpointing=True,  # SFTConfig's own default, spelled out
                           packing_strategy="wrapped" if spec["system"] == "trl-wrapped" else "bfd")
         data = Dataset.from_list([{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in examples])
         trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tokenizer,
@@ -245,8 +252,8 @@ def throughput(times: list[float], tokens: list[int], warmup: int) -> float | No
     return sum(tokens[warmup:len(times)]) / elapsed if elapsed > 0 else None
 
 
-def run_finetune(args, spec: dict, rows: int, rep: int, work: Path, env: dict) -> dict:
-    out = work / f"finetune-{rep}"
+def run_finetune(args, spec: dict, system: str, rows: int, rep: int, work: Path, env: dict) -> dict:
+    out = work / f"{system}-{rep}"
     overrides = task_overrides(spec, packing=True) + [
         f"method.rank={args.rank}", f"method.alpha={args.alpha}", "method.dropout=0.0",
         "task.eval_limit=1", "task.max_new_tokens=1",  # a trivial end-of-run evaluation
@@ -254,9 +261,9 @@ def run_finetune(args, spec: dict, rows: int, rep: int, work: Path, env: dict) -
         f"trainer.lr={args.lr}", "trainer.schedule=linear", "trainer.warmup_steps=0",
         "trainer.weight_decay=0.0", "trainer.max_grad_norm=1.0", f"trainer.loss_chunk={args.loss_chunk}",
         f"trainer.seed={spec['seed']}", f"trainer.device={args.device}", "trainer.merge=false", "logger=none",
-        "trainer.overwrite=true", f"output_dir={out}", *args.finetune_override]
+        "trainer.overwrite=true", f"output_dir={out}", *FINETUNE[system][0], *args.finetune_override]
     cmd = [sys.executable, "-m", "finetune", "train", "-q", *overrides]
-    res = run_measured(cmd, work / f"finetune-{rep}.log", env=env, timeout=args.timeout)
+    res = run_measured(cmd, work / f"{system}-{rep}.log", env=env, timeout=args.timeout)
     check_ok(res, "finetune train")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "tokens" in r and "time" in r and "loss" in r]
@@ -265,7 +272,7 @@ def run_finetune(args, spec: dict, rows: int, rep: int, work: Path, env: dict) -
     tokens = [b - a for a, b in zip([0] + cumulative[:-1], cumulative)]
     times = [r["time"] for r in steps]
     params = info.get("params") or {}
-    return {"system": "finetune", "rep": rep, "tokens_per_s": throughput(times, tokens, args.warmup_steps),
+    return {"system": system, "rep": rep, "tokens_per_s": throughput(times, tokens, args.warmup_steps),
             "tokens_per_step": sum(tokens) / max(len(tokens), 1), "padding_pct": None,
             "peak_rss_mb": res["peak_rss_mb"],
             "cuda_peak_mb": info.get("peak_memory_mb") if args.device == "cuda" else None,
@@ -295,7 +302,7 @@ def run_baseline(args, spec: dict, system: str, rows: int, rep: int, work: Path,
 def summarise(runs: list[dict], device: str) -> dict:
     memory_key = "cuda_peak_mb" if device == "cuda" else "peak_rss_mb"
     out = {}
-    for system in ("finetune", *BASELINES):
+    for system in (*FINETUNE, *BASELINES):
         mine = [r for r in runs if r["system"] == system]
         if mine:
             out[system] = {"tokens_per_s": median([r["tokens_per_s"] for r in mine]),
@@ -305,14 +312,14 @@ def summarise(runs: list[dict], device: str) -> dict:
                            "padding_pct": median([r["padding_pct"] for r in mine]),
                            "last_loss": median([r["last_loss"] for r in mine]),
                            "trainable_params": mine[0]["trainable_params"], "runs": len(mine)}
-    out["ratios"] = {}
-    for system, (_, speed_goal, memory_goal) in BASELINES.items():
-        if "finetune" not in out or system not in out:
+    out["ratios"] = {}  # "finetune system / baseline" -> ratios and goals
+    for mine, (system, (_, speed_goal, memory_goal)) in ((m, b) for m in FINETUNE for b in BASELINES.items()):
+        if mine not in out or system not in out:
             continue
-        f, b = out["finetune"], out[system]
+        f, b = out[mine], out[system]
         speed = f["tokens_per_s"] / b["tokens_per_s"] if f["tokens_per_s"] and b["tokens_per_s"] else None
         memory = f["peak_memory_mb"] / b["peak_memory_mb"] if f["peak_memory_mb"] and b["peak_memory_mb"] else None
-        out["ratios"][system] = {
+        out["ratios"][f"{mine}/{system}"] = {
             "speed": speed, "memory": memory,
             "speed_goal": speed_goal, "speed_goal_met": None if speed_goal is None else bool(speed and speed >= speed_goal),
             "memory_goal": memory_goal,
@@ -324,12 +331,13 @@ def summarise(runs: list[dict], device: str) -> dict:
 def markdown(args, spec, rows, stats, summary, runs, info) -> str:
     mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     table = []
-    labels = {"finetune": f"`finetune train` (packing, loss_chunk={args.loss_chunk})",
+    labels = {**{k: f"`finetune train` (packing, loss_chunk={args.loss_chunk}{suffix})"
+                 for k, (_, suffix) in FINETUNE.items()},
               **{k: v[0] for k, v in BASELINES.items()}}
     for system, label in labels.items():
         s = summary.get(system)
         if s:
-            pad = "0 (packed)" if system == "finetune" else f"{s['padding_pct']:.1f}"
+            pad = "0 (packed)" if system in FINETUNE else f"{s['padding_pct']:.1f}"
             table.append([label, f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "-",
                           f"{s['peak_memory_mb']:,.0f}", f"{s['tokens_per_step']:,.0f}", pad,
                           f"{s['last_loss']:.3f}" if s["last_loss"] is not None else "-",
@@ -339,8 +347,9 @@ def markdown(args, spec, rows, stats, summary, runs, info) -> str:
             return "-"
         return f"**{value:.2f}x**" + ("" if goal is None else f" (goal {sign} {goal}x: {'met' if met else 'not met'})")
 
-    for system, r in summary.get("ratios", {}).items():
-        table.append([f"**finetune / {labels[system]}**", ratio(r["speed"], r["speed_goal"], r["speed_goal_met"], ">="),
+    for pair, r in summary.get("ratios", {}).items():
+        mine, system = pair.split("/")
+        table.append([f"**{mine} / {labels[system]}**", ratio(r["speed"], r["speed_goal"], r["speed_goal_met"], ">="),
                       ratio(r["memory"], r["memory_goal"], r["memory_goal_met"], "<="), "", "", "", ""])
     lines = [f"# Training throughput: finetune vs peft + Trainer and TRL ({args.device})", "",
              f"Hardware: {hardware_line(info)}.", "",
@@ -397,7 +406,7 @@ def main(argv=None):
         order = systems if rep % 2 == 0 else systems[::-1]
         for system in order:
             print(f"rep {rep + 1}/{args.reps}: {system} ...", end=" ", flush=True)
-            r = (run_finetune(args, spec, rows, rep, work, env) if system == "finetune"
+            r = (run_finetune(args, spec, system, rows, rep, work, env) if system in FINETUNE
                  else run_baseline(args, spec, system, rows, rep, work, env))
             mem = r["cuda_peak_mb"] if args.device == "cuda" else r["peak_rss_mb"]
             tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
