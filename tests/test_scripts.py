@@ -36,3 +36,25 @@ def test_profile_step_accounts_for_the_step(tmp_path):
     assert abs(sum(v for k, v in kinds.items() if not k.startswith("outside")) - result["operator_seconds"]) < 1e-6
     assert 0 < result["operator_seconds"] <= result["wall_seconds"] * 1.05
     assert result["tokens_per_s_unprofiled"] > 0
+
+
+def test_memory_step_counts_what_autograd_keeps(tmp_path):
+    """One step's saved tensors, grouped by what made them, add up; in real training the lean gated
+    MLP is on (no SiLU output kept), and gradient checkpointing keeps far less."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_CACHE": str(tmp_path / "cache")}
+    results = {}
+    for name, extra in (("plain", []), ("recompute", ["trainer.gradient_checkpointing=true"])):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "memory_step.py"), "--warmup", "1", "--out",
+                               str(tmp_path / name), "model=tiny", "method=lora", "task=memorize", *extra],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    plain = results["plain"]
+    assert plain["tokens"] > 0 and plain["layers"] == 2
+    assert abs(sum(g["bytes"] for g in plain["groups"]) / 2**20 - plain["saved_mb"]) < 1e-9
+    made = {(g["made_by"], g["floats_per_token"]) for g in plain["groups"]}
+    intermediate = 384  # the tiny model's MLP: gate's and up's outputs kept, SiLU's and the product not
+    assert ("_LinearLowRank", intermediate) in made
+    assert ("Silu", intermediate) not in made and ("Mul", intermediate) not in made
+    assert plain["peak_rss_mb"] >= plain["rss_before_step_mb"] > 0
+    assert results["recompute"]["saved_mb"] < plain["saved_mb"] / 2

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Where a training step's memory goes: `finetune train` in this process (the jobs of
+profile_step.py), and during one optimizer step after a warm-up
+
+- the tensors autograd keeps from the forward for the backward (each storage once, parameters
+  left out), grouped by the operation that made them and by their size in floats per token, and
+- the process's memory, sampled every 2 ms: resident set size and, with glibc, the bytes its heap
+  has handed out and not yet taken back (live tensors and everything else malloc'd), so that the
+  difference shows what the allocator holds on to.
+
+    python scripts/memory_step.py --job gsm8k                      # bench_throughput's job
+    python scripts/memory_step.py --job gsm8k -- trainer.gradient_checkpointing=true
+
+Tensors saved under another saved-tensor hook (gradient checkpointing, the gated MLP's down_proj)
+are kept by that hook's own rules and are not seen here. Writes docs/bench/memory-<job>-<device>.json
+and .md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import bench_parser, hardware_info, md_heading, md_table, output_path, print_hardware, write_outputs  # noqa: E402
+from profile_step import JOBS  # noqa: E402
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use():
+    """glibc's bytes in use (heap + mmapped chunks) in MiB, or None where there is no mallinfo2."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    def read() -> float:
+        m = libc.mallinfo2()
+        return (m.uordblks + m.hblkhd) / 2**20
+    return read
+
+
+class Sampler:
+    """Peak RSS and peak heap-in-use while running, sampled on a thread."""
+
+    def __init__(self):
+        self.heap = heap_in_use()
+        self.peak_rss = self.peak_heap = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, rss_mb())
+            if self.heap:
+                self.peak_heap = max(self.peak_heap, self.heap())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    p = bench_parser(__doc__, "memory")
+    p.add_argument("--job", choices=list(JOBS), default="gsm8k")
+    p.add_argument("--warmup", type=int, default=2, help="optimizer steps before the measured one")
+    p.add_argument("overrides", nargs="*", help="extra config overrides (after --)")
+    args = p.parse_args()
+    import torch
+
+    from finetune.config.compose import compose
+    from finetune.training import loop
+
+    info = hardware_info(args.device)
+    print_hardware(info)
+    overrides = [*JOBS[args.job], *args.overrides, f"trainer.device={args.device}",
+                 f"trainer.max_steps={args.warmup + 1}", "task.eval_limit=1", "task.max_new_tokens=1",
+                 "trainer.merge=false", "logger=none", "trainer.save_every=0",
+                 f"output_dir={tempfile.mkdtemp(prefix='memory-')}"]
+    cfg = compose(overrides)
+    seen: dict[int, tuple[int, str, int]] = {}  # storage -> (bytes, made by, floats per token)
+    measured = {"calls": 0, "tokens": 0, "layers": 0}
+    original = loop.accumulate_gradients
+
+    def accumulate(model, micro, parallel, loss_chunk=0):
+        measured["calls"] += 1
+        if measured["calls"] != args.warmup + 1:
+            return original(model, micro, parallel, loss_chunk)
+        params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        config = getattr(getattr(model, "module", model), "config", None)
+        measured.update(tokens=tokens, layers=getattr(config, "num_hidden_layers", 0),
+                        rss_before=rss_mb())
+
+        def pack(t):
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key not in params and key not in seen:
+                source = t if t._base is None else t._base  # a view made inside a custom Function's forward
+                made_by = type(source.grad_fn).__name__.replace("Backward0", "").replace("Backward", "") \
+                    if source.grad_fn is not None else "leaf"
+                seen[key] = (storage.nbytes(), made_by, round(storage.nbytes() / t.element_size() / tokens))
+            return t
+
+        with Sampler() as sampler, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = original(model, micro, parallel, loss_chunk)
+        measured.update(peak_rss=sampler.peak_rss, peak_heap=sampler.peak_heap if sampler.heap else None)
+        return result
+
+    loop.accumulate_gradients = accumulate
+    try:
+        loop.train(cfg, overrides, quiet=True)
+    finally:
+        loop.accumulate_gradients = original
+    groups: dict[tuple[str, int], list] = {}
+    for nbytes, made_by, per_token in seen.values():
+        entry = groups.setdefault((made_by, per_token), [0, 0])
+        entry[0] += 1
+        entry[1] += nbytes
+    total = sum(b for _, b in groups.values())
+    layers, tokens = max(measured["layers"], 1), measured["tokens"]
+    rows = [[f"`{made_by}`", f"{per_token:,}", f"{count:,}", f"{nbytes / 2**20:,.0f}"]
+            for (made_by, per_token), (count, nbytes) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
+    result = {"job": args.job, "overrides": overrides, "hardware": info, "tokens": tokens, "layers": layers,
+              "saved_mb": total / 2**20, "saved_floats_per_token_layer": total / 4 / max(tokens, 1) / layers,
+              "rss_before_step_mb": measured.get("rss_before"), "peak_rss_mb": measured.get("peak_rss"),
+              "peak_heap_in_use_mb": measured.get("peak_heap"),
+              "groups": [{"made_by": m, "floats_per_token": f, "tensors": c, "bytes": b}
+                         for (m, f), (c, b) in groups.items()]}
+    heap = measured.get("peak_heap")
+    md = (md_heading(f"Where the memory goes: {args.job} ({args.device})", info)
+          + f"One optimizer step of {tokens:,} tokens after {args.warmup} warm-up steps. Autograd keeps "
+          f"**{total / 2**20:,.0f} MiB** from the forward for the backward "
+          f"(≈ {result['saved_floats_per_token_layer']:,.0f} values per token and layer over {layers} layers). "
+          f"Process: {measured.get('rss_before', 0):,.0f} MiB resident before the step, "
+          f"**{measured.get('peak_rss', 0):,.0f} MiB** at its peak"
+          + (f"; glibc's heap had at most {heap:,.0f} MiB handed out (the rest of the resident set is the "
+             "model's weights, libraries, and memory the allocator holds on to)" if heap else "")
+          + ".\n\n"
+          + md_table(["made by", "floats per token", "tensors", "MiB"], rows) + "\n")
+    print(md)
+    write_outputs(output_path(args, f"memory-{args.job}"), result, md)
+
+
+if __name__ == "__main__":
+    main()
