@@ -3,7 +3,8 @@
 profile_step.py), and during one optimizer step after a warm-up
 
 - the tensors autograd keeps from the forward for the backward (each storage once, parameters
-  left out), grouped by the operation that made them and by their size in floats per token, and
+  left out), grouped by the module whose forward kept them (layer index as *) and by their size
+  in values per position, and
 - the process's memory, sampled every 2 ms: resident set size and, with glibc, the bytes its heap
   has handed out and not yet taken back (live tensors and everything else malloc'd), so that the
   difference shows what the allocator holds on to.
@@ -19,6 +20,7 @@ and .md.
 from __future__ import annotations
 
 import ctypes
+import re
 import sys
 import tempfile
 import threading
@@ -26,8 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import bench_parser, hardware_info, md_heading, md_table, output_path, print_hardware, write_outputs  # noqa: E402
 from profile_step import JOBS  # noqa: E402
+
+from benchlib import bench_parser, hardware_info, md_heading, md_table, output_path, print_hardware, write_outputs  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -100,8 +103,8 @@ def main() -> None:
                  "trainer.merge=false", "logger=none", "trainer.save_every=0",
                  f"output_dir={tempfile.mkdtemp(prefix='memory-')}"]
     cfg = compose(overrides)
-    seen: dict[int, tuple[int, str, int]] = {}  # storage -> (bytes, made by, floats per token)
-    measured = {"calls": 0, "tokens": 0, "layers": 0}
+    seen: dict[int, tuple[int, str, int]] = {}  # storage -> (bytes, kept by, values per position)
+    measured = {"calls": 0, "positions": 0, "layers": 0}
     original = loop.accumulate_gradients
 
     def accumulate(model, micro, parallel, loss_chunk=0):
@@ -109,23 +112,32 @@ def main() -> None:
         if measured["calls"] != args.warmup + 1:
             return original(model, micro, parallel, loss_chunk)
         params = {q.untyped_storage().data_ptr() for q in model.parameters()}
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        positions = sum(b["input_ids"].numel() for b in micro)
         config = getattr(getattr(model, "module", model), "config", None)
-        measured.update(tokens=tokens, layers=getattr(config, "num_hidden_layers", 0),
-                        rss_before=rss_mb())
+        measured.update(positions=positions, layers=getattr(config, "num_hidden_layers", 0), rss_before=rss_mb())
+        running = ["(outside any module)"]  # the modules whose forward is running, innermost last
 
         def pack(t):
             storage = t.untyped_storage()
             key = storage.data_ptr()
             if key not in params and key not in seen:
-                source = t if t._base is None else t._base  # a view made inside a custom Function's forward
-                made_by = type(source.grad_fn).__name__.replace("Backward0", "").replace("Backward", "") \
-                    if source.grad_fn is not None else "leaf"
-                seen[key] = (storage.nbytes(), made_by, round(storage.nbytes() / t.element_size() / tokens))
+                seen[key] = (storage.nbytes(), running[-1], round(storage.nbytes() / t.element_size() / positions))
             return t
 
-        with Sampler() as sampler, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            result = original(model, micro, parallel, loss_chunk)
+        # Module names with the layer index as *, pushed and popped around every forward; plain
+        # nn.Linear modules get no hooks (a hooked base layer would leave the adapters' fast path).
+        handles = []
+        for name, module in model.named_modules():
+            if name and type(module) is not torch.nn.Linear:
+                label = re.sub(r"\.\d+(\.|$)", r".*\1", name.removeprefix("module.").removeprefix("model."))
+                handles.append(module.register_forward_pre_hook(lambda m, a, label=label: running.append(label)))
+                handles.append(module.register_forward_hook(lambda m, a, o: running.pop() and None, always_call=True))
+        try:
+            with Sampler() as sampler, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                result = original(model, micro, parallel, loss_chunk)
+        finally:
+            for handle in handles:
+                handle.remove()
         measured.update(peak_rss=sampler.peak_rss, peak_heap=sampler.peak_heap if sampler.heap else None)
         return result
 
@@ -135,31 +147,32 @@ def main() -> None:
     finally:
         loop.accumulate_gradients = original
     groups: dict[tuple[str, int], list] = {}
-    for nbytes, made_by, per_token in seen.values():
-        entry = groups.setdefault((made_by, per_token), [0, 0])
+    for nbytes, kept_by, per_position in seen.values():
+        entry = groups.setdefault((kept_by, per_position), [0, 0])
         entry[0] += 1
         entry[1] += nbytes
     total = sum(b for _, b in groups.values())
-    layers, tokens = max(measured["layers"], 1), measured["tokens"]
-    rows = [[f"`{made_by}`", f"{per_token:,}", f"{count:,}", f"{nbytes / 2**20:,.0f}"]
-            for (made_by, per_token), (count, nbytes) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
-    result = {"job": args.job, "overrides": overrides, "hardware": info, "tokens": tokens, "layers": layers,
-              "saved_mb": total / 2**20, "saved_floats_per_token_layer": total / 4 / max(tokens, 1) / layers,
+    layers, positions = max(measured["layers"], 1), measured["positions"]
+    rows = [[f"`{kept_by}`", f"{per_position:,}", f"{count:,}", f"{nbytes / 2**20:,.0f}"]
+            for (kept_by, per_position), (count, nbytes) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
+    result = {"job": args.job, "overrides": overrides, "hardware": info, "positions": positions, "layers": layers,
+              "saved_mb": total / 2**20, "saved_floats_per_position_layer": total / 4 / max(positions, 1) / layers,
               "rss_before_step_mb": measured.get("rss_before"), "peak_rss_mb": measured.get("peak_rss"),
               "peak_heap_in_use_mb": measured.get("peak_heap"),
-              "groups": [{"made_by": m, "floats_per_token": f, "tensors": c, "bytes": b}
+              "groups": [{"kept_by": m, "values_per_position": f, "tensors": c, "bytes": b}
                          for (m, f), (c, b) in groups.items()]}
     heap = measured.get("peak_heap")
     md = (md_heading(f"Where the memory goes: {args.job} ({args.device})", info)
-          + f"One optimizer step of {tokens:,} tokens after {args.warmup} warm-up steps. Autograd keeps "
+          + f"One optimizer step of {positions:,} positions (padding included) after {args.warmup} warm-up steps. Autograd keeps "
           f"**{total / 2**20:,.0f} MiB** from the forward for the backward "
-          f"(≈ {result['saved_floats_per_token_layer']:,.0f} values per token and layer over {layers} layers). "
+          f"(≈ {result['saved_floats_per_position_layer']:,.0f} values per position and layer over {layers} layers), "
+          "each storage counted once, under the module whose forward kept it first. "
           f"Process: {measured.get('rss_before', 0):,.0f} MiB resident before the step, "
           f"**{measured.get('peak_rss', 0):,.0f} MiB** at its peak"
           + (f"; glibc's heap had at most {heap:,.0f} MiB handed out (the rest of the resident set is the "
              "model's weights, libraries, and memory the allocator holds on to)" if heap else "")
           + ".\n\n"
-          + md_table(["made by", "floats per token", "tensors", "MiB"], rows) + "\n")
+          + md_table(["kept by", "values per position", "tensors", "MiB"], rows) + "\n")
     print(md)
     write_outputs(output_path(args, f"memory-{args.job}"), result, md)
 

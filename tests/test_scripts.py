@@ -44,17 +44,17 @@ def test_memory_step_counts_what_autograd_keeps(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_CACHE": str(tmp_path / "cache")}
     results = {}
     for name, extra in (("plain", []), ("recompute", ["trainer.gradient_checkpointing=true"])):
-        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "memory_step.py"), "--warmup", "1", "--out",
-                               str(tmp_path / name), "model=tiny", "method=lora", "task=memorize", *extra],
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "memory_step.py"), "--job", "memorize", "--warmup", "1", "--out",
+                               str(tmp_path / name), "model=tiny", "method=lora", *extra],
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
     plain = results["plain"]
-    assert plain["tokens"] > 0 and plain["layers"] == 2
+    assert plain["positions"] > 0 and plain["layers"] == 2
     assert abs(sum(g["bytes"] for g in plain["groups"]) / 2**20 - plain["saved_mb"]) < 1e-9
-    made = {(g["made_by"], g["floats_per_token"]) for g in plain["groups"]}
-    intermediate = 384  # the tiny model's MLP: gate's and up's outputs kept, SiLU's and the product not
-    assert ("_LinearLowRank", intermediate) in made
-    assert ("Silu", intermediate) not in made and ("Mul", intermediate) not in made
+    # the tiny model's MLP is 384 wide: the MLP keeps gate's and up's outputs (2 per layer), and no
+    # SiLU output or product is kept, by the MLP or by down_proj
+    wide = {(g["kept_by"], g["tensors"]) for g in plain["groups"] if g["values_per_position"] == 384}
+    assert wide == {("layers.*.mlp", 4)}
     assert plain["peak_rss_mb"] >= plain["rss_before_step_mb"] > 0
     assert results["recompute"]["saved_mb"] < plain["saved_mb"] / 2
