@@ -318,12 +318,7 @@ class MoraLayer(AdapterLayer):
         b = t // r̂ (t = o mod L), placed at columns b·r̂ … b·r̂ + r̂ − 1 and folded mod k."""
         k, d, r_hat, M = self.in_features, self.out_features, self.r_hat, self.mora_M
         dev = M.device
-        nb = self._used_blocks()
-        cos, sin = self.rope_cos[:nb].to(M.dtype), self.rope_sin[:nb].to(M.dtype)
-        # M·R_b = M·diag(cos φ_b) + M·diag(sin φ_b)·P, and A·P = [A_{:, r̂/2:}, −A_{:, :r̂/2}].
-        scaled = M.unsqueeze(0) * sin.unsqueeze(1)
-        half = r_hat // 2
-        MR = M.unsqueeze(0) * cos.unsqueeze(1) + torch.cat([scaled[..., half:], -scaled[..., :half]], dim=-1)
+        MR = self.rope_products(self._used_blocks())
         t = torch.arange(d, device=dev) % (self.n_blocks * r_hat)
         b, j = t // r_hat, t % r_hat
         cols = (b.unsqueeze(1) * r_hat + torch.arange(r_hat, device=dev)) % k
@@ -334,6 +329,7 @@ class MoraLayer(AdapterLayer):
         in M (the forward applies u_b = P_b·x̃_b, the same linear map as M·(R_b·x̃_b))."""
         M = self.mora_M
         cos, sin = self.rope_cos[:nb].to(M.dtype), self.rope_sin[:nb].to(M.dtype)
+        # M·R_b = M·diag(cos φ_b) + M·diag(sin φ_b)·P, and A·P = [A_{:, r̂/2:}, −A_{:, :r̂/2}].
         scaled = M.unsqueeze(0) * sin.unsqueeze(1)
         half = self.r_hat // 2
         return M.unsqueeze(0) * cos.unsqueeze(1) + torch.cat([scaled[..., half:], -scaled[..., :half]], dim=-1)
