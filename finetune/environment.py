@@ -137,10 +137,12 @@ def environment_info(device: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _rss_peak_kb() -> float | None:
+def process_status_kb(field: str) -> float | None:
+    """A kB figure of this process from Linux's /proc/self/status (``VmRSS``: resident now,
+    ``VmHWM``: its high-water mark); None elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return float(line.split()[1])
     except OSError:
         pass
@@ -167,7 +169,7 @@ def peak_memory_mb(device: str) -> float:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
-    kb = _rss_peak_kb()
+    kb = process_status_kb("VmHWM")
     if kb is None:
         import resource
 

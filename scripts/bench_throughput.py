@@ -320,7 +320,7 @@ def summarise(runs: list[dict], device: str) -> dict:
         speed = f["tokens_per_s"] / b["tokens_per_s"] if f["tokens_per_s"] and b["tokens_per_s"] else None
         memory = f["peak_memory_mb"] / b["peak_memory_mb"] if f["peak_memory_mb"] and b["peak_memory_mb"] else None
         out["ratios"][f"{mine}/{system}"] = {
-            "speed": speed, "memory": memory,
+            "finetune": mine, "baseline": system, "speed": speed, "memory": memory,
             "speed_goal": speed_goal, "speed_goal_met": None if speed_goal is None else bool(speed and speed >= speed_goal),
             "memory_goal": memory_goal,
             "memory_goal_met": None if memory_goal is None else bool(memory and memory <= memory_goal)}
@@ -347,9 +347,8 @@ def markdown(args, spec, rows, stats, summary, runs, info) -> str:
             return "-"
         return f"**{value:.2f}x**" + ("" if goal is None else f" (goal {sign} {goal}x: {'met' if met else 'not met'})")
 
-    for pair, r in summary.get("ratios", {}).items():
-        mine, system = pair.split("/")
-        table.append([f"**{mine} / {labels[system]}**", ratio(r["speed"], r["speed_goal"], r["speed_goal_met"], ">="),
+    for r in summary.get("ratios", {}).values():
+        table.append([f"**{r['finetune']} / {labels[r['baseline']]}**", ratio(r["speed"], r["speed_goal"], r["speed_goal_met"], ">="),
                       ratio(r["memory"], r["memory_goal"], r["memory_goal_met"], "<="), "", "", "", ""])
     lines = [f"# Training throughput: finetune vs peft + Trainer and TRL ({args.device})", "",
              f"Hardware: {hardware_line(info)}.", "",

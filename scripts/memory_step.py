@@ -5,9 +5,9 @@ profile_step.py), and during one optimizer step after a warm-up
 - the tensors autograd keeps from the forward for the backward (each storage once, parameters
   left out), grouped by the module whose forward kept them (layer index as *) and by their size
   in values per position, and
-- the process's memory, sampled every 2 ms: resident set size and, with glibc, the bytes its heap
-  has handed out and not yet taken back (live tensors and everything else malloc'd), so that the
-  difference shows what the allocator holds on to.
+- the process's memory: its peak resident set size (the kernel's high-water mark) and, with glibc,
+  the peak of the bytes its heap has handed out and not yet taken back (live tensors and everything
+  else malloc'd, sampled every 2 ms), so that the difference shows what the allocator holds on to.
 
     python scripts/memory_step.py --job gsm8k                      # bench_throughput's job
     python scripts/memory_step.py --job gsm8k -- trainer.gradient_checkpointing=true
@@ -28,17 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import JOBS  # noqa: E402
+from profile_step import JOBS, job_overrides  # noqa: E402
 
 from benchlib import bench_parser, hardware_info, md_heading, md_table, output_path, print_hardware, write_outputs  # noqa: E402
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -60,29 +52,29 @@ def heap_in_use():
     return read
 
 
-class Sampler:
-    """Peak RSS and peak heap-in-use while running, sampled on a thread."""
+class HeapSampler:
+    """The peak of glibc's bytes in use while running, sampled on a thread (``peak`` None without glibc)."""
 
     def __init__(self):
         self.heap = heap_in_use()
-        self.peak_rss = self.peak_heap = 0.0
+        self.peak = 0.0 if self.heap else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, rss_mb())
-            if self.heap:
-                self.peak_heap = max(self.peak_heap, self.heap())
+            self.peak = max(self.peak, self.heap())
             time.sleep(0.002)
 
     def __enter__(self):
-        self._thread.start()
+        if self.heap:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        self._thread.join()
+        if self.heap:
+            self._thread.join()
 
 
 def main() -> None:
@@ -94,16 +86,15 @@ def main() -> None:
     import torch
 
     from finetune.config.compose import compose
+    from finetune.environment import peak_memory_mb, process_status_kb, reset_peak_memory
     from finetune.training import loop
 
     info = hardware_info(args.device)
     print_hardware(info)
-    overrides = [*JOBS[args.job], *args.overrides, f"trainer.device={args.device}",
-                 f"trainer.max_steps={args.warmup + 1}", "task.eval_limit=1", "task.max_new_tokens=1",
-                 "trainer.merge=false", "logger=none", "trainer.save_every=0",
-                 f"output_dir={tempfile.mkdtemp(prefix='memory-')}"]
+    overrides = job_overrides(args.job, args.overrides, args.device, args.warmup + 1,
+                              tempfile.mkdtemp(prefix="memory-"))
     cfg = compose(overrides)
-    seen: dict[int, tuple[int, str, int]] = {}  # storage -> (bytes, kept by, values per position)
+    seen: dict[int, tuple[int, int, str]] = {}  # storage -> (bytes, values, kept by)
     measured = {"calls": 0, "positions": 0, "layers": 0}
     original = loop.accumulate_gradients
 
@@ -114,14 +105,15 @@ def main() -> None:
         params = {q.untyped_storage().data_ptr() for q in model.parameters()}
         positions = sum(b["input_ids"].numel() for b in micro)
         config = getattr(getattr(model, "module", model), "config", None)
-        measured.update(positions=positions, layers=getattr(config, "num_hidden_layers", 0), rss_before=rss_mb())
+        measured.update(positions=positions, layers=getattr(config, "num_hidden_layers", 0),
+                        rss_before=(process_status_kb("VmRSS") or 0) / 1024)
         running = ["(outside any module)"]  # the modules whose forward is running, innermost last
 
         def pack(t):
             storage = t.untyped_storage()
             key = storage.data_ptr()
             if key not in params and key not in seen:
-                seen[key] = (storage.nbytes(), running[-1], round(storage.nbytes() / t.element_size() / positions))
+                seen[key] = (storage.nbytes(), storage.nbytes() // t.element_size(), running[-1])
             return t
 
         # Module names with the layer index as *, pushed and popped around every forward; plain
@@ -132,13 +124,14 @@ def main() -> None:
                 label = re.sub(r"\.\d+(\.|$)", r".*\1", name.removeprefix("module.").removeprefix("model."))
                 handles.append(module.register_forward_pre_hook(lambda m, a, label=label: running.append(label)))
                 handles.append(module.register_forward_hook(lambda m, a, o: running.pop() and None, always_call=True))
+        reset_peak_memory("cpu")
         try:
-            with Sampler() as sampler, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with HeapSampler() as heap, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 result = original(model, micro, parallel, loss_chunk)
         finally:
             for handle in handles:
                 handle.remove()
-        measured.update(peak_rss=sampler.peak_rss, peak_heap=sampler.peak_heap if sampler.heap else None)
+        measured.update(peak_rss=peak_memory_mb("cpu"), peak_heap=heap.peak)
         return result
 
     loop.accumulate_gradients = accumulate
@@ -146,17 +139,18 @@ def main() -> None:
         loop.train(cfg, overrides, quiet=True)
     finally:
         loop.accumulate_gradients = original
+    layers, positions = max(measured["layers"], 1), measured["positions"]
     groups: dict[tuple[str, int], list] = {}
-    for nbytes, kept_by, per_position in seen.values():
-        entry = groups.setdefault((kept_by, per_position), [0, 0])
+    for nbytes, values, kept_by in seen.values():
+        entry = groups.setdefault((kept_by, round(values / positions)), [0, 0])
         entry[0] += 1
         entry[1] += nbytes
     total = sum(b for _, b in groups.values())
-    layers, positions = max(measured["layers"], 1), measured["positions"]
+    values = sum(v for _, v, _ in seen.values())
     rows = [[f"`{kept_by}`", f"{per_position:,}", f"{count:,}", f"{nbytes / 2**20:,.0f}"]
             for (kept_by, per_position), (count, nbytes) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
     result = {"job": args.job, "overrides": overrides, "hardware": info, "positions": positions, "layers": layers,
-              "saved_mb": total / 2**20, "saved_floats_per_position_layer": total / 4 / max(positions, 1) / layers,
+              "saved_mb": total / 2**20, "saved_values_per_position_layer": values / max(positions, 1) / layers,
               "rss_before_step_mb": measured.get("rss_before"), "peak_rss_mb": measured.get("peak_rss"),
               "peak_heap_in_use_mb": measured.get("peak_heap"),
               "groups": [{"kept_by": m, "values_per_position": f, "tensors": c, "bytes": b}
@@ -165,7 +159,7 @@ def main() -> None:
     md = (md_heading(f"Where the memory goes: {args.job} ({args.device})", info)
           + f"One optimizer step of {positions:,} positions (padding included) after {args.warmup} warm-up steps. Autograd keeps "
           f"**{total / 2**20:,.0f} MiB** from the forward for the backward "
-          f"(≈ {result['saved_floats_per_position_layer']:,.0f} values per position and layer over {layers} layers), "
+          f"(≈ {result['saved_values_per_position_layer']:,.0f} values per position and layer over {layers} layers), "
           "each storage counted once, under the module whose forward kept it first. "
           f"Process: {measured.get('rss_before', 0):,.0f} MiB resident before the step, "
           f"**{measured.get('peak_rss', 0):,.0f} MiB** at its peak"

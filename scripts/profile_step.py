@@ -50,6 +50,14 @@ KINDS = [
 ]
 
 
+def job_overrides(job: str, extra: list[str], device: str, steps: int, out_dir) -> list[str]:
+    """A job's `finetune train` overrides for ``steps`` optimizer steps in this process, with a trivial
+    end-of-run evaluation, no merge, logger or checkpoints, into ``out_dir``."""
+    return [*JOBS[job], *extra, f"trainer.device={device}", f"trainer.max_steps={steps}", "task.eval_limit=1",
+            "task.max_new_tokens=1", "trainer.merge=false", "logger=none", "trainer.save_every=0",
+            f"output_dir={out_dir}"]
+
+
 def kind_of(event) -> str:
     """An operator's kind: that of a range it runs in, else by its name (equal to a key, or starting
     with a key longer than three letters; in-place variants count with their operator)."""
@@ -85,9 +93,7 @@ def main() -> None:
     info = hardware_info(args.device)
     print_hardware(info)
     out_dir = Path(tempfile.mkdtemp(prefix="profile-"))
-    overrides = [*JOBS[args.job], *args.overrides, f"trainer.device={args.device}",
-                 f"trainer.max_steps={args.warmup + args.steps + 1}", "task.eval_limit=1", "task.max_new_tokens=1",
-                 "trainer.merge=false", "logger=none", "trainer.save_every=0", f"output_dir={out_dir}"]
+    overrides = job_overrides(args.job, args.overrides, args.device, args.warmup + args.steps + 1, out_dir)
     cfg = compose(overrides)
 
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else []))
