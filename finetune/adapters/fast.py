@@ -212,10 +212,34 @@ def _fold(g2: torch.Tensor, plan: MoraPlan) -> torch.Tensor:
     return folded
 
 
+def _merged_weight(weight: torch.Tensor, T: torch.Tensor, plan: MoraPlan) -> torch.Tensor:
+    """W + ΔW for MoRA type 6, (d, k): in every output tile, the rows of block b get P_b on the
+    columns of block b's runs (one batched add over the diagonal of the leading whole blocks).
+    Each entry of W gets at most one addition (two runs of one block share columns only when
+    r̂ > k), so this is the merged weight of ``MoraLayer.delta_weight`` entry for entry."""
+    merged, r, k = weight.clone(), plan.r_hat, plan.k
+    for start, length in plan.tiles():
+        w = min(plan.whole, length // r)
+        if w:
+            merged.as_strided((w, r, r), (r * k + r, k, 1), start * k).add_(T[:w])
+        for b in range(w, len(plan.blocks)):
+            rows = min(r, length - b * r)
+            if rows <= 0:
+                break
+            for src, run, off in plan.blocks[b]:
+                merged[start + b * r:start + b * r + rows, src:src + run].add_(T[b, :rows, off:off + run])
+    return merged
+
+
 class _Mora(torch.autograd.Function):
     """``base(x) + g(h)`` for MoRA type 6 (``T`` = the per-block products P_b = M·R_b, shape
     (blocks, r̂, r̂)) or type 1 (``T`` = M). With ``weight`` given, the base is the frozen dense
-    ``x Wᵀ + b`` computed here; otherwise ``result`` is the base output."""
+    ``x Wᵀ + b`` computed here; otherwise ``result`` is the base output.
+
+    Type 6 over a frozen dense base with no dropout (``h`` is ``x``) runs as one GEMM with W + ΔW
+    and its input gradient as one GEMM with it too (the merged weight is built again in the
+    backward rather than kept): of its three r̂-sized GEMMs per block only the one for P_b's
+    gradient is left, for a copy of W and a few block additions."""
 
     @staticmethod
     def forward(ctx, x, h, result, weight, bias, T, plan):
@@ -223,12 +247,14 @@ class _Mora(torch.autograd.Function):
         same = h is x
         h2 = x2 if same else _rows(h)
         n, r = h2.shape[0], plan.r_hat
-        if weight is not None:
-            out = torch.mm(x2, weight.T) if bias is None else torch.addmm(bias, x2, weight.T)
+        saved_c = None
+        ctx.merged = plan.mora_type == 6 and weight is not None and same
+        dense = _merged_weight(weight, T, plan) if ctx.merged else weight
+        if dense is not None:
+            out = torch.mm(x2, dense.T) if bias is None else torch.addmm(bias, x2, dense.T)
         else:
             out = _rows(result).clone()
-        saved_c = None
-        if plan.mora_type == 6:
+        if plan.mora_type == 6 and not ctx.merged:
             w = plan.whole
             tiled = plan.period < plan.d  # outputs repeat with period L: compute u once, add per tile
             u = h2.new_empty(n, plan.period) if tiled else out
@@ -243,7 +269,7 @@ class _Mora(torch.autograd.Function):
             if tiled:
                 for start, length in plan.tiles():
                     out[:, start:start + length].add_(u[:, :length])
-        else:  # type 1: c = Σ_b x̃_b, then M·c, tiled with period r̂
+        elif plan.mora_type == 1:  # c = Σ_b x̃_b, then M·c, tiled with period r̂
             c = h2.new_zeros(n, r)
             for runs in plan.blocks:
                 for src, length, off in runs:
@@ -268,12 +294,15 @@ class _Mora(torch.autograd.Function):
         if need_result:
             grad_result = g
         if ctx.has_weight and need_x:
-            grad_x = torch.mm(g2, weight)
+            grad_x = torch.mm(g2, _merged_weight(weight, T, plan) if ctx.merged else weight)
         # Where the branch's input gradient goes: into the base's g·W in place when the branch input
         # is x itself; otherwise a tensor of its own for h (autograd adds it to x's gradient when
         # h is x and the base ran outside, as ``result``).
         fused_into_x = ctx.same and grad_x is not None
-        gin = grad_x if fused_into_x else (h2.new_zeros(h2.shape) if need_h else None)
+        if ctx.merged:  # grad_x holds the branch's input gradient already
+            gin = None
+        else:
+            gin = grad_x if fused_into_x else (h2.new_zeros(h2.shape) if need_h else None)
         folded = _fold(g2, plan)
         if plan.mora_type == 6:
             w = plan.whole

@@ -160,6 +160,24 @@ def test_mora_fast_with_base_outside_and_no_input_grad(mora_type):
         assert_paths_agree(layer, x)
 
 
+@pytest.mark.filterwarnings("ignore:MoRA on a")
+@pytest.mark.parametrize("shape", ["k=d no padding", "k=d padding", "k<d tile, whole blocks", "k>d crop, whole blocks",
+                                   "prime sizes"])
+def test_mora_type6_trains_on_exactly_the_merged_weight(shape):
+    """Over a frozen dense base without dropout, type 6 runs one GEMM with W + ΔW: in fp32 its
+    output is bit for bit that of the layer merged the way `merge` merges (W + delta_weight())."""
+    k, d, rank, _ = SHAPES[shape]
+    layer = MoraLayer(base_layer(k, d).float(), rank=rank, mora_type=6).train()
+    with torch.no_grad():
+        layer.mora_M.normal_(0, 0.1)
+    x = torch.randn(4, 5, k, requires_grad=True)
+    y = layer(x)
+    assert y.grad_fn is not None and "_Mora" in type(y.grad_fn).__name__
+    base = layer.base_layer
+    merged = nn.functional.linear(x, base.weight + layer.delta_weight(), base.bias)
+    assert torch.equal(y, merged)
+
+
 def test_mora_other_types_and_dtypes_take_the_generic_path():
     layer = MoraLayer(base_layer(32, 32), rank=4, mora_type=2).to(DT)
     assert layer.fast_forward(torch.randn(2, 32, dtype=DT)) is None
