@@ -116,6 +116,12 @@ class AdapterLayer(nn.Module):
         """FLOPs of g(x) for one token, forward (for MFU: finetune.training.flops)."""
         raise NotImplementedError
 
+    def step_flops(self) -> tuple[int, int]:
+        """What the branch adds to one token's FLOPs as it is computed: (forward, forward + backward);
+        the backward computes the input's and the adapter tensors' gradients, a forward each."""
+        forward = self.branch_flops()
+        return forward, 3 * forward
+
     # -- shared behaviour ----------------------------------------------------------------------
     @property
     def adapter_dtype(self) -> torch.dtype:

@@ -55,7 +55,7 @@ from finetune.adapters.base import (
     inject,
     is_quantized,
 )
-from finetune.adapters.fast import mora_forward
+from finetune.adapters.fast import mora_forward, plain_linear
 from finetune.config.schema import ALL_LINEAR
 from finetune.errors import UserError
 
@@ -296,6 +296,15 @@ class MoraLayer(AdapterLayer):
         the products only (the rotation and the sums are element-wise)."""
         blocks = self._used_blocks() if self.mora_type == 6 else 1
         return blocks * 2 * self.r_hat**2
+
+    def step_flops(self) -> tuple[int, int]:
+        """Type 6 over a frozen dense base without dropout runs its forward and input gradient as
+        the base's own GEMMs with W + ΔW (:mod:`finetune.adapters.fast`): only P_b's gradient is left."""
+        base = self.base_layer
+        if (self.mora_type == 6 and isinstance(self.dropout, nn.Identity) and plain_linear(base)
+                and base.weight.dtype == self.mora_M.dtype):
+            return 0, self.branch_flops()
+        return super().step_flops()
 
     # -- closed-form ΔW (§2.3) ----------------------------------------------------------------
     def _delta(self) -> torch.Tensor:

@@ -7,7 +7,9 @@ What one trained token costs (:class:`Cost`), counted from the modules, forward 
   its weight gets no gradient, so no third product (the base of every adapter method);
 - a trained linear layer (full fine-tuning): ``6·k·d`` (the weight's gradient too);
 - an adapter branch: its forward FLOPs (each method's ``branch_flops``: LoRA and VB-LoRA
-  ``2·r·(k + d)``, MoRA ``2·r̂²`` per used block) times three (forward, input and weight gradients);
+  ``2·r·(k + d)``, MoRA ``2·r̂²`` per used block) times three (forward, input and weight gradients),
+  as each layer's ``step_flops`` says (MoRA type 6 over a frozen dense base without dropout: once,
+  its forward and input gradient being the base's GEMMs with W + ΔW);
 - attention: ``4·T·d_attn`` per token and layer forward (``QKᵀ`` and ``A·V`` over a context of T
   tokens, counted whole as is the convention), three times that with the backward;
 - the output projection (``lm_head``) as a frozen or trained linear layer; embeddings: none.
@@ -47,16 +49,16 @@ class Cost:
         for name, module in model.named_modules():
             if any(name.startswith(prefix + ".") for prefix in inside):
                 continue
-            branch = 0
+            branch = branch_step = 0
             if isinstance(module, AdapterLayer):
                 inside.append(name)
-                branch = module.branch_flops()
+                branch, branch_step = module.step_flops()
                 module = module.root_layer()
             elif not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
                 continue
             k, d, _ = layer_shape(module)
             self.forward += 2 * k * d + branch
-            self.linear += (6 if id(module.weight) in trained else 4) * k * d + 3 * branch
+            self.linear += (6 if id(module.weight) in trained else 4) * k * d + branch_step
         config = getattr(model, "config", None)
         layers = getattr(config, "num_hidden_layers", 0) or 0
         heads = getattr(config, "num_attention_heads", 0) or 0

@@ -65,6 +65,34 @@ def test_mora_branch_flops_are_its_products(mora_type):
             assert layer.branch_flops() * x.shape[0] * x.shape[1] == counted(lambda layer=layer, x=x: layer.branch(x))
 
 
+def mora_layer(mora_type, dropout=0.0):
+    from finetune.adapters.mora import MoraLayer
+
+    base = torch.nn.Linear(64, 64, bias=False).requires_grad_(False)
+    return MoraLayer(base, rank=8, mora_type=mora_type, dropout=dropout).train()  # k = d = 64, r̂ = 32
+
+
+@pytest.mark.parametrize("mora_type", [1, 6])
+def test_mora_step_flops_are_the_products_its_layer_runs(mora_type):
+    """Forward and backward of one MoRA layer over a frozen dense base (whole blocks): the counter
+    sees the base's two GEMMs plus ``step_flops``; type 6 runs its branch inside the base's GEMMs
+    with W + ΔW and is left with P_b's gradient, one forward's worth."""
+    layer = mora_layer(mora_type)
+    forward, step = layer.step_flops()
+    assert (forward, step) == ((0, layer.branch_flops()) if mora_type == 6 else
+                               (layer.branch_flops(), 3 * layer.branch_flops()))
+    x = torch.randn(*TOKENS, 64, requires_grad=True)
+    tokens, base_flops = x.shape[0] * x.shape[1], 2 * 64 * 64
+    with torch.no_grad():
+        assert counted(lambda: layer(x)) == tokens * (base_flops + forward)
+    assert counted(lambda: layer(x).sum().backward()) == tokens * (2 * base_flops + step)
+
+
+def test_mora_with_dropout_keeps_its_branch_apart():
+    layer = mora_layer(6, dropout=0.1)
+    assert layer.step_flops() == (layer.branch_flops(), 3 * layer.branch_flops())
+
+
 def test_attention_scales_with_each_rows_real_length():
     model, adapter = attached("method=lora")
     cost = Cost(model, adapter)
