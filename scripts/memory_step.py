@@ -12,8 +12,10 @@ profile_step.py), and during one optimizer step after a warm-up
     python scripts/memory_step.py --job gsm8k                      # bench_throughput's job
     python scripts/memory_step.py --job gsm8k -- trainer.gradient_checkpointing=true
 
-Tensors saved under another saved-tensor hook (gradient checkpointing, the gated MLP's down_proj)
-are kept by that hook's own rules and are not seen here. Writes docs/bench/memory-<job>-<device>.json
+The project's own saved-tensor hooks (the lean gated MLP's down_proj, the decoder layers that
+recompute their norms' outputs) are chained to the counting one, so what they keep is counted and
+what they replace by a recipe is not; tensors saved under gradient checkpointing's hooks are kept
+by its own rules and are not seen here. Writes docs/bench/memory-<job>-<device>.json
 and .md.
 """
 
@@ -87,6 +89,7 @@ def main() -> None:
 
     from finetune.config.compose import compose
     from finetune.environment import peak_memory_mb, process_status_kb, reset_peak_memory
+    from finetune.models import gated_mlp, lean_norm
     from finetune.training import loop
 
     info = hardware_info(args.device)
@@ -105,8 +108,7 @@ def main() -> None:
         params = {q.untyped_storage().data_ptr() for q in model.parameters()}
         positions = sum(b["input_ids"].numel() for b in micro)
         config = getattr(getattr(model, "module", model), "config", None)
-        measured.update(positions=positions, layers=getattr(config, "num_hidden_layers", 0),
-                        rss_before=(process_status_kb("VmRSS") or 0) / 1024)
+        measured.update(positions=positions, layers=getattr(config, "num_hidden_layers", 0))
         running = ["(outside any module)"]  # the modules whose forward is running, innermost last
 
         def pack(t):
@@ -124,13 +126,20 @@ def main() -> None:
                 label = re.sub(r"\.\d+(\.|$)", r".*\1", name.removeprefix("module.").removeprefix("model."))
                 handles.append(module.register_forward_pre_hook(lambda m, a, label=label: running.append(label)))
                 handles.append(module.register_forward_hook(lambda m, a, o: running.pop() and None, always_call=True))
-        reset_peak_memory("cpu")
+        # Inner saved-tensor hooks replace this one while they run: count what they keep as it is.
+        inner = [(gated_mlp._Recipe, gated_mlp._Recipe.pack), (lean_norm._Recipes, lean_norm._Recipes.pack)]
+        for cls, inner_pack in inner:
+            cls.pack = lambda self, t, inner_pack=inner_pack: (pack(t) if (kept := inner_pack(self, t)) is t else kept)
+        reset_peak_memory("cpu")  # the high-water mark from here on, so never below the reading after it
+        measured["rss_before"] = (process_status_kb("VmRSS") or 0) / 1024
         try:
             with HeapSampler() as heap, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 result = original(model, micro, parallel, loss_chunk)
         finally:
             for handle in handles:
                 handle.remove()
+            for cls, inner_pack in inner:
+                cls.pack = inner_pack
         measured.update(peak_rss=peak_memory_mb("cpu"), peak_heap=heap.peak)
         return result
 

@@ -40,7 +40,9 @@ def test_profile_step_accounts_for_the_step(tmp_path):
 
 def test_memory_step_counts_what_autograd_keeps(tmp_path):
     """One step's saved tensors, grouped by what made them, add up; in real training the lean gated
-    MLP is on (no SiLU output kept), and gradient checkpointing keeps far less."""
+    MLP is on (no SiLU output kept) and the layers keep their norms' inputs only (no hidden-sized
+    tensor kept by the projections that read a norm's output), and gradient checkpointing keeps
+    far less."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_CACHE": str(tmp_path / "cache")}
     results = {}
     for name, extra in (("plain", []), ("recompute", ["trainer.gradient_checkpointing=true"])):
@@ -56,5 +58,11 @@ def test_memory_step_counts_what_autograd_keeps(tmp_path):
     # SiLU output or product is kept, by the MLP or by down_proj
     wide = {(g["kept_by"], g["tensors"]) for g in plain["groups"] if g["values_per_position"] == 384}
     assert wide == {("layers.*.mlp", 4)}
+    # 128 wide: the norms keep their inputs; no projection reading a norm's output keeps that output
+    hidden = {g["kept_by"] for g in plain["groups"] if g["values_per_position"] == 128}
+    assert {"layers.*.input_layernorm", "layers.*.post_attention_layernorm"} <= hidden
+    readers = {f"layers.*.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")} | {"layers.*.mlp.gate_proj",
+                                                                                      "layers.*.mlp.up_proj"}
+    assert not hidden & readers
     assert plain["peak_rss_mb"] >= plain["rss_before_step_mb"] > 0
     assert results["recompute"]["saved_mb"] < plain["saved_mb"] / 2
