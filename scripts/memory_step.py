@@ -130,7 +130,7 @@ def main() -> None:
         inner = [(gated_mlp._Recipe, gated_mlp._Recipe.pack), (lean_norm._Recipes, lean_norm._Recipes.pack)]
         for cls, inner_pack in inner:
             cls.pack = lambda self, t, inner_pack=inner_pack: (pack(t) if (kept := inner_pack(self, t)) is t else kept)
-        reset_peak_memory("cpu")  # the high-water mark from here on, so never below the reading after it
+        reset_peak_memory("cpu")
         measured["rss_before"] = (process_status_kb("VmRSS") or 0) / 1024
         try:
             with HeapSampler() as heap, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -64,5 +64,7 @@ def test_memory_step_counts_what_autograd_keeps(tmp_path):
     readers = {f"layers.*.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")} | {"layers.*.mlp.gate_proj",
                                                                                       "layers.*.mlp.up_proj"}
     assert not hidden & readers
-    assert plain["peak_rss_mb"] >= plain["rss_before_step_mb"] > 0
+    # the kernel's resident counters are per-CPU and summed lazily: a high-water mark read later can
+    # trail an earlier resident reading by a few pages
+    assert plain["peak_rss_mb"] >= plain["rss_before_step_mb"] - 1 > 0
     assert results["recompute"]["saved_mb"] < plain["saved_mb"] / 2
