@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from finetune.models.recipes import as_recipe, unpack
+
 
 class _SiluProduct(torch.autograd.Function):
     """``silu(g) · u``, keeping only ``g`` and ``u``; the same gradients as autograd's own ops."""
@@ -51,18 +53,13 @@ class _Recipe:
         self.storage, self.g, self.u = p.untyped_storage().data_ptr(), g, u
 
     def pack(self, t: torch.Tensor):
-        if t.untyped_storage().data_ptr() != self.storage:
-            return t
-        return self, t.size(), t.stride(), t.storage_offset()
+        return t if t.untyped_storage().data_ptr() != self.storage else as_recipe(self, t)
 
-    @staticmethod
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        recipe, size, stride, offset = packed
+    def value(self) -> torch.Tensor:
         with torch.no_grad():
-            p = F.silu(recipe.g) * recipe.u
-        return p.as_strided(size, stride, offset)
+            return F.silu(self.g) * self.u
+
+    unpack = staticmethod(unpack)
 
 
 def lean_forward(self, x):

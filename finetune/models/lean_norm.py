@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from finetune.models.recipes import as_recipe, unpack
+
 
 class _NormOutput:
     """A norm's output as (norm, input): recomputed on first use, then shared by its readers."""
@@ -57,16 +59,9 @@ class _Recipes:
 
     def pack(self, t: torch.Tensor):
         recipe = self.outputs.get(t.untyped_storage().data_ptr())
-        if recipe is None:
-            return t
-        return recipe, t.size(), t.stride(), t.storage_offset()
+        return t if recipe is None else as_recipe(recipe, t)
 
-    @staticmethod
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        recipe, size, stride, offset = packed
-        return recipe.value().as_strided(size, stride, offset)
+    unpack = staticmethod(unpack)
 
 
 _ACTIVE: list[_Recipes] = []  # the recipes of the layers whose forward is running (innermost last)

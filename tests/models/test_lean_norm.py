@@ -15,39 +15,17 @@ from finetune.models import lean_norm
 from finetune.models.gated_mlp import keep_less_for_training
 from finetune.models.lean_norm import keep_norm_inputs_only, qualifies
 
-
-def batch(model, n=2, length=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, model.config.vocab_size, (n, length), generator=g)
-
-
-def grads_of(model, ids, weights):
-    model.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids, use_cache=False).logits
-    (logits * weights).sum().backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+from bit_identical import assert_bit_identical, batch, with_adapter
 
 
 @pytest.mark.parametrize("method", ["lora", "mora", "vblora", "full"])
 def test_logits_and_gradients_are_bit_identical(tiny_model, method):
-    settings = {"lora": dict(rank=4, alpha=8, dropout=0.0), "mora": dict(rank=4, dropout=0.0),
-                "vblora": dict(vector_length=32), "full": {}}[method]
-    plain = tiny_model.train()
-    attach(plain, method, settings)
-    for p in plain.parameters():  # non-zero adapter outputs, so every branch carries a gradient
-        if p.requires_grad:
-            p.data.add_(0.01 * torch.randn_like(p))
+    """With the lean MLP too, as in training."""
+    plain = with_adapter(tiny_model, method)
     lean = copy.deepcopy(plain)
     keep_less_for_training(lean)
     assert keep_norm_inputs_only(lean) == plain.config.num_hidden_layers
-    ids = batch(plain)
-    weights = torch.randn(*ids.shape, plain.config.vocab_size, generator=torch.Generator().manual_seed(1))
-    out_plain, g_plain = grads_of(plain, ids, weights)
-    out_lean, g_lean = grads_of(lean, ids, weights)
-    assert torch.equal(out_plain, out_lean)
-    assert g_plain.keys() == g_lean.keys() and g_plain
-    for name in g_plain:
-        assert torch.equal(g_plain[name], g_lean[name]), name
+    assert_bit_identical(plain, lean)
 
 
 def test_norm_outputs_are_not_kept_for_the_backward(tiny_model, monkeypatch):
