@@ -26,8 +26,9 @@ from finetune.models.recipes import as_recipe, unpack
 class _NormOutput:
     """A norm's output as (norm, input): recomputed on first use, then shared by its readers."""
 
-    def __init__(self, norm: nn.Module, x: torch.Tensor):
+    def __init__(self, norm: nn.Module, x: torch.Tensor, y: torch.Tensor):
         self.norm, self.x, self.version, self.y = norm, x, x._version, None
+        self.output_version = y._version  # a reader saving the output after an in-place change keeps it
 
     def value(self) -> torch.Tensor:
         if self.y is None:
@@ -48,7 +49,7 @@ class _Recipes:
         self.alive: list[torch.Tensor] = []
 
     def record(self, norm: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.outputs[y.untyped_storage().data_ptr()] = _NormOutput(norm, x)
+        self.outputs[y.untyped_storage().data_ptr()] = _NormOutput(norm, x, y)
         self.alive.append(y)
 
     def close(self) -> None:
@@ -59,7 +60,7 @@ class _Recipes:
 
     def pack(self, t: torch.Tensor):
         recipe = self.outputs.get(t.untyped_storage().data_ptr())
-        return t if recipe is None else as_recipe(recipe, t)
+        return t if recipe is None or t._version != recipe.output_version else as_recipe(recipe, t)
 
     unpack = staticmethod(unpack)
 

@@ -50,11 +50,19 @@ def test_norm_outputs_are_not_kept_for_the_backward(tiny_model, monkeypatch):
     assert len(recomputed) == 5 * layers  # read by q, k, v and by gate, up
 
 
-def test_an_input_changed_in_place_is_caught(tiny_model):
+def test_in_place_changes_are_caught_or_kept(tiny_model):
+    """A norm input changed after the forward cannot give back the output: an error. An output
+    changed before a reader saves it is kept as it is."""
     keep_norm_inputs_only(tiny_model)
     norm = tiny_model.model.layers[0].input_layernorm
     h = torch.randn(2, 5, tiny_model.config.hidden_size)
-    recipe = lean_norm._NormOutput(norm, h)
+    recipes = lean_norm._Recipes()
+    y = norm(h)
+    recipes.record(norm, h, y)
+    assert not isinstance(recipes.pack(y[0]), torch.Tensor)
+    y.add_(1)
+    assert isinstance(recipes.pack(y[0]), torch.Tensor)
+    recipe = recipes.outputs[y.untyped_storage().data_ptr()]
     h.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place"):
         recipe.value()
