@@ -37,10 +37,12 @@ class Terminal:
         if self.pid == 0:  # the child: the chat, with the terminal as its stdin and stdout
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
             os.execve(sys.executable, [sys.executable, "-m", "finetune", "chat", *map(str, args)], env)
-        self.seen = ""
+        self.seen, self.read_to = "", 0  # all output, and where the last text waited for ended
 
     def until(self, text: str, timeout: float = 120) -> str:
-        deadline, start = time.time() + timeout, len(self.seen)
+        """The output after the previous match up to the end of the next ``text`` (which may have come
+        in the same read as that match)."""
+        deadline, start = time.time() + timeout, self.read_to
         while text not in self.seen[start:]:
             assert time.time() < deadline, f"no {text!r} in {self.seen[-2000:]!r}"
             ready, _, _ = select.select([self.fd], [], [], 0.2)
@@ -49,7 +51,9 @@ class Terminal:
                     self.seen += os.read(self.fd, 4096).decode(errors="replace")
                 except OSError:  # the chat has ended
                     break
-        return self.seen[start:]
+        found = self.seen.find(text, start)
+        self.read_to = found + len(text) if found >= 0 else len(self.seen)
+        return self.seen[start:self.read_to]
 
     def type(self, text: str) -> None:
         os.write(self.fd, text.encode())
