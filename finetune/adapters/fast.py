@@ -212,6 +212,11 @@ def _fold(g2: torch.Tensor, plan: MoraPlan) -> torch.Tensor:
     return folded
 
 
+# Below this many rows (decoding a few sequences a token at a time) the copy of W costs more than
+# the branch's own r̂-sized products, which then run beside the base GEMM.
+MERGED_MIN_ROWS = 64
+
+
 def _merged_weight(weight: torch.Tensor, T: torch.Tensor, plan: MoraPlan) -> torch.Tensor:
     """W + ΔW for MoRA type 6, (d, k): in every output tile, the rows of block b get P_b on the
     columns of block b's runs (one batched add over the diagonal of the leading whole blocks).
@@ -236,7 +241,8 @@ class _Mora(torch.autograd.Function):
     (blocks, r̂, r̂)) or type 1 (``T`` = M). With ``weight`` given, the base is the frozen dense
     ``x Wᵀ + b`` computed here; otherwise ``result`` is the base output.
 
-    Type 6 over a frozen dense base with no dropout (``h`` is ``x``) runs as one GEMM with W + ΔW
+    Type 6 over a frozen dense base with no dropout (``h`` is ``x``), on at least
+    ``MERGED_MIN_ROWS`` rows, runs as one GEMM with W + ΔW
     and its input gradient as one GEMM with it too (the merged weight is built again in the
     backward rather than kept): of its three r̂-sized GEMMs per block only the one for P_b's
     gradient is left, for a copy of W and a few block additions."""
@@ -248,7 +254,7 @@ class _Mora(torch.autograd.Function):
         h2 = x2 if same else _rows(h)
         n, r = h2.shape[0], plan.r_hat
         saved_c = None
-        ctx.merged = plan.mora_type == 6 and weight is not None and same
+        ctx.merged = plan.mora_type == 6 and weight is not None and same and n >= MERGED_MIN_ROWS
         dense = _merged_weight(weight, T, plan) if ctx.merged else weight
         if dense is not None:
             out = torch.mm(x2, dense.T) if bias is None else torch.addmm(bias, x2, dense.T)

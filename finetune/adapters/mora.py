@@ -299,7 +299,8 @@ class MoraLayer(AdapterLayer):
 
     def step_flops(self) -> tuple[int, int]:
         """Type 6 over a frozen dense base without dropout runs its forward and input gradient as
-        the base's own GEMMs with W + ΔW (:mod:`finetune.adapters.fast`): only P_b's gradient is left."""
+        the base's own GEMMs with W + ΔW (:mod:`finetune.adapters.fast`; micro-batches of at least
+        ``MERGED_MIN_ROWS`` tokens, as training's are): only P_b's gradient is left."""
         base = self.base_layer
         if (self.mora_type == 6 and isinstance(self.dropout, nn.Identity) and plain_linear(base)
                 and base.weight.dtype == self.mora_M.dtype):

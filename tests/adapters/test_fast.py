@@ -137,7 +137,8 @@ SHAPES = {
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("mora_type", [1, 6])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_mora_fast_equals_generic(shape, mora_type, dropout):
+@pytest.mark.parametrize("rows", [6, fast.MERGED_MIN_ROWS])  # type 6 without dropout: beside W, then W + ΔW
+def test_mora_fast_equals_generic(shape, mora_type, dropout, rows):
     k, d, rank, r_hat = SHAPES[shape]
     if r_hat is not None and mora_type == 6:
         r_hat += r_hat % 2
@@ -145,7 +146,7 @@ def test_mora_fast_equals_generic(shape, mora_type, dropout):
     layer = layer.to(DT).train()
     with torch.no_grad():
         layer.mora_M.normal_()
-    x = torch.randn(2, 3, k, dtype=DT, requires_grad=True)
+    x = torch.randn(2, rows // 2, k, dtype=DT, requires_grad=True)
     assert _used_fast(layer, x)
     assert_paths_agree(layer, x)
 
@@ -170,12 +171,14 @@ def test_mora_type6_trains_on_exactly_the_merged_weight(shape):
     layer = MoraLayer(base_layer(k, d).float(), rank=rank, mora_type=6).train()
     with torch.no_grad():
         layer.mora_M.normal_(0, 0.1)
-    x = torch.randn(4, 5, k, requires_grad=True)
+    x = torch.randn(4, fast.MERGED_MIN_ROWS // 4, k, requires_grad=True)
     y = layer(x)
     assert y.grad_fn is not None and "_Mora" in type(y.grad_fn).__name__
     base = layer.base_layer
     merged = nn.functional.linear(x, base.weight + layer.delta_weight(), base.bias)
     assert torch.equal(y, merged)
+    few = x[:, :2]  # decoding: fewer rows than that, the branch runs beside the base GEMM
+    assert not torch.equal(layer(few), nn.functional.linear(few, base.weight + layer.delta_weight(), base.bias))
 
 
 def test_mora_other_types_and_dtypes_take_the_generic_path():
