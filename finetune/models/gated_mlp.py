@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from finetune.models.recipes import as_recipe, unpack
+from finetune.models.recipes import as_recipe, lean_class, unpack
 
 
 class _SiluProduct(torch.autograd.Function):
@@ -90,20 +90,12 @@ def qualifies(module: nn.Module) -> bool:
     return type(act) in (SiLUActivation, nn.SiLU) and "forward" not in act.__dict__ and "forward" not in module.__dict__
 
 
-_LEAN: dict[type, type] = {}  # original MLP class -> its lean subclass
-
-
 def keep_less_for_training(model: nn.Module) -> int:
     """Give every qualifying MLP of ``model`` the lean forward (its class becomes a subclass with
     only ``forward`` replaced; parameters and state-dict keys unchanged); returns how many."""
     count = 0
     for module in model.modules():
-        cls = type(module)
-        if not qualifies(module):  # (a lean class no longer has Llama's forward)
-            continue
-        if cls not in _LEAN:
-            _LEAN[cls] = type(cls.__name__, (cls,), {"forward": lean_forward, "__module__": cls.__module__,
-                                                     "__qualname__": cls.__qualname__})
-        module.__class__ = _LEAN[cls]
-        count += 1
+        if qualifies(module):  # (a lean class no longer has Llama's forward)
+            module.__class__ = lean_class(type(module), lean_forward)
+            count += 1
     return count

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from finetune.models.recipes import as_recipe, unpack
+from finetune.models.recipes import as_recipe, is_lean, lean_class, unpack
 
 
 class _NormOutput:
@@ -36,7 +36,7 @@ class _NormOutput:
                 raise RuntimeError(f"the input of {type(self.norm).__name__} was modified in place after the forward; "
                                    "its output cannot be recomputed for the backward")
             with torch.no_grad():
-                self.y = _NORM_FORWARD[type(self.norm)](self.norm, self.x)
+                self.y = _original_forward(self.norm)(self.norm, self.x)
         return self.y
 
 
@@ -68,15 +68,19 @@ class _Recipes:
 _ACTIVE: list[_Recipes] = []  # the recipes of the layers whose forward is running (innermost last)
 
 
+def _original_forward(module: nn.Module):
+    return type(module).__bases__[0].forward  # the class the lean one derives from
+
+
 def lean_norm_forward(self, x):
-    y = _NORM_FORWARD[type(self)](self, x)
+    y = _original_forward(self)(self, x)
     if _ACTIVE and torch.is_grad_enabled():
         _ACTIVE[-1].record(self, x, y)
     return y
 
 
 def lean_layer_forward(self, *args, **kwargs):
-    forward = _LAYER_FORWARD[type(self)]
+    forward = _original_forward(self)
     if not torch.is_grad_enabled():
         return forward(self, *args, **kwargs)
     recipes = _Recipes()
@@ -99,20 +103,6 @@ def qualifies(norm: nn.Module) -> bool:
             and "forward" not in norm.__dict__)
 
 
-_NORM_FORWARD: dict[type, object] = {}   # lean norm class -> the original forward
-_LAYER_FORWARD: dict[type, object] = {}  # lean layer class -> the original forward
-_LEAN: dict[type, type] = {}              # original class -> its lean subclass
-
-
-def _lean_class(cls: type, forward, originals: dict) -> type:
-    if cls not in _LEAN:
-        lean = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
-                                           "__qualname__": cls.__qualname__})
-        originals[lean] = cls.forward
-        _LEAN[cls] = lean
-    return _LEAN[cls]
-
-
 def keep_norm_inputs_only(model: nn.Module) -> int:
     """Switch every block of ``model``'s layer stacks that has a qualifying norm child (classes become
     subclasses with only ``forward`` replaced; parameters and state-dict keys unchanged); returns
@@ -121,10 +111,10 @@ def keep_norm_inputs_only(model: nn.Module) -> int:
     for stack in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
         for layer in stack:
             norms = [child for child in layer.children() if qualifies(child)]
-            if not norms or type(layer) in _LAYER_FORWARD or "forward" in layer.__dict__:
+            if not norms or is_lean(layer) or "forward" in layer.__dict__:
                 continue
             for norm in norms:
-                norm.__class__ = _lean_class(type(norm), lean_norm_forward, _NORM_FORWARD)
-            layer.__class__ = _lean_class(type(layer), lean_layer_forward, _LAYER_FORWARD)
+                norm.__class__ = lean_class(type(norm), lean_norm_forward)
+            layer.__class__ = lean_class(type(layer), lean_layer_forward)
             count += 1
     return count

@@ -1,5 +1,6 @@
 """Saved tensors kept as the recipe that recomputes them: the two halves of a pair of saved-tensor
-hooks (``torch.autograd.graph.saved_tensors_hooks``) shared by the lean MLP and the lean layers.
+hooks (``torch.autograd.graph.saved_tensors_hooks``) shared by the lean MLP and the lean layers,
+and the lean subclasses through which those modules get their forward.
 
 A recipe is any object whose ``value()`` returns the tensor it stands for (the whole storage the
 saved tensor viewed); the saved view is taken again on unpacking.
@@ -21,3 +22,19 @@ def unpack(packed) -> torch.Tensor:
         return packed
     recipe, size, stride, offset = packed
     return recipe.value().as_strided(size, stride, offset)
+
+
+_LEAN: dict[type, type] = {}  # original module class -> its lean subclass
+
+
+def lean_class(cls: type, forward) -> type:
+    """``cls`` with only ``forward`` replaced, under the same name (made once per class); the
+    original forward stays reachable as ``cls.forward``."""
+    if cls not in _LEAN:
+        _LEAN[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                                 "__qualname__": cls.__qualname__})
+    return _LEAN[cls]
+
+
+def is_lean(module) -> bool:
+    return type(module) in _LEAN.values()

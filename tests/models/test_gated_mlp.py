@@ -12,6 +12,7 @@ from torch import nn
 from finetune.adapters import attach
 from finetune.models import gated_mlp
 from finetune.models.gated_mlp import keep_less_for_training, qualifies
+from finetune.models.recipes import is_lean
 
 from bit_identical import assert_bit_identical, batch, with_adapter
 
@@ -64,7 +65,7 @@ def test_only_llama_style_silu_mlps_are_switched(tiny_model):
     name, keys = type(mlp).__name__, list(tiny_model.state_dict())
     assert keep_less_for_training(tiny_model) == tiny_model.config.num_hidden_layers
     assert keep_less_for_training(tiny_model) == 0  # once is enough
-    assert type(mlp) in gated_mlp._LEAN.values() and type(mlp).__name__ == name
+    assert is_lean(mlp) and type(mlp).__name__ == name
     assert list(tiny_model.state_dict()) == keys
     tiny_model.eval()
     with torch.no_grad():  # outside training the original computation

@@ -14,6 +14,7 @@ from finetune.adapters import attach
 from finetune.models import lean_norm
 from finetune.models.gated_mlp import keep_less_for_training
 from finetune.models.lean_norm import keep_norm_inputs_only, qualifies
+from finetune.models.recipes import is_lean
 
 from bit_identical import assert_bit_identical, batch, with_adapter
 
@@ -85,8 +86,8 @@ def test_only_llama_style_rmsnorms_of_the_layer_stack_are_switched(tiny_model):
     assert keep_norm_inputs_only(tiny_model) == tiny_model.config.num_hidden_layers
     assert keep_norm_inputs_only(tiny_model) == 0  # once is enough
     assert type(layer).__name__ == name and list(tiny_model.state_dict()) == keys
-    assert type(tiny_model.model.norm) is type(copy.deepcopy(tiny_model.model.norm))
-    assert qualifies(tiny_model.model.norm)  # the final norm, outside the stack, is left alone
+    assert is_lean(layer) and is_lean(layer.input_layernorm) and is_lean(layer.post_attention_layernorm)
+    assert not is_lean(tiny_model.model.norm) and qualifies(tiny_model.model.norm)  # outside the stack: left alone
     tiny_model.eval()
     with torch.no_grad():  # outside training the original computation
         ids = batch(tiny_model)
