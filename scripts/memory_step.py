@@ -89,7 +89,7 @@ def main() -> None:
 
     from finetune.config.compose import compose
     from finetune.environment import peak_memory_mb, process_status_kb, reset_peak_memory
-    from finetune.models import gated_mlp, lean_norm
+    from finetune.models import gated_mlp, lean_layer
     from finetune.training import loop
 
     info = hardware_info(args.device)
@@ -127,7 +127,7 @@ def main() -> None:
                 handles.append(module.register_forward_pre_hook(lambda m, a, label=label: running.append(label)))
                 handles.append(module.register_forward_hook(lambda m, a, o: running.pop() and None, always_call=True))
         # Inner saved-tensor hooks replace this one while they run: count what they keep as it is.
-        inner = [(gated_mlp._Recipe, gated_mlp._Recipe.pack), (lean_norm._Recipes, lean_norm._Recipes.pack)]
+        inner = [(gated_mlp._Recipe, gated_mlp._Recipe.pack), (lean_layer._Recipes, lean_layer._Recipes.pack)]
         for cls, inner_pack in inner:
             cls.pack = lambda self, t, inner_pack=inner_pack: (pack(t) if (kept := inner_pack(self, t)) is t else kept)
         reset_peak_memory("cpu")

@@ -1,4 +1,4 @@
-"""Shared by the tests of the memory-saving model patches (finetune.models.gated_mlp, lean_norm):
+"""Shared by the tests of the memory-saving model patches (finetune.models.gated_mlp, lean_layer):
 a trained-looking model with an adapter, and the check that a patched copy computes the same logits
 and gradients bit for bit."""
 
@@ -26,18 +26,25 @@ def with_adapter(model, method):
     return model
 
 
-def grads_of(model, ids, weights):
+def packed_positions(ids, cut=(9, 15)):
+    """Position ids of rows holding two examples each (as packing makes them)."""
+    return torch.cat([torch.arange(n) for n in cut]).expand(ids.shape[0], -1)
+
+
+def grads_of(model, ids, weights, position_ids=None):
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids, use_cache=False).logits
+    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
     (logits * weights).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_bit_identical(plain, patched):
+def assert_bit_identical(plain, patched, packed=False):
+    """``packed``: rows of two examples each, for models attending one example at a time."""
     ids = batch(plain)
+    pos = packed_positions(ids) if packed else None
     weights = torch.randn(*ids.shape, plain.config.vocab_size, generator=torch.Generator().manual_seed(1))
-    out_plain, g_plain = grads_of(plain, ids, weights)
-    out_patched, g_patched = grads_of(patched, ids, weights)
+    out_plain, g_plain = grads_of(plain, ids, weights, pos)
+    out_patched, g_patched = grads_of(patched, ids, weights, pos)
     assert torch.equal(out_plain, out_patched)
     assert g_plain.keys() == g_patched.keys() and g_plain
     for name in g_plain:

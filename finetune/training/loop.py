@@ -40,7 +40,7 @@ from finetune.errors import RunInterrupted, TrainingError, UserError
 from finetune.models.attention import use_for_training
 from finetune.models.device import base_dtype, device_type, mixed_precision
 from finetune.models.gated_mlp import keep_less_for_training
-from finetune.models.lean_norm import keep_norm_inputs_only
+from finetune.models.lean_layer import keep_less_in_layers
 from finetune.models.load import count_params, load_model
 from finetune.models.loss import causal_lm_loss_sum
 from finetune.models.tokenizer import load_tokenizer
@@ -212,7 +212,7 @@ def set_up(s: Session) -> None:
     if not t.gradient_checkpointing:
         keep_less_for_training(model)  # Llama-style MLPs: two activations kept for the backward, not four
         if cfg.launcher.name not in ("fsdp", "deepspeed"):
-            keep_norm_inputs_only(model)  # norm outputs recomputed in the backward (needs the norm weights there)
+            keep_less_in_layers(model)  # norm and attention outputs recomputed in the backward (needs the norm weights there)
     s.adapter = adapters.attach(model, cfg.method.name, method_settings(cfg))
     # Base modules the task trains in full next to the adapter (pretraining: embeddings, norms,
     # lm_head); they are saved with the base in RUN_DIR/base at the end.

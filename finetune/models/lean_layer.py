@@ -1,15 +1,18 @@
-"""Decoder layers that keep their norms' inputs for the backward, not their outputs too.
+"""Decoder layers that keep less for the backward: their norms' inputs but not their outputs, and
+attention's output once.
 
 In a Llama-style decoder layer each RMSNorm's output feeds the projections after it (q, k, v after
 the first, gate and up after the second), and their adapters keep it for their own gradients, while
 the norm's backward keeps its input. Both are activation-sized; the output is a few element-wise
-operations away from the input. Here, while a layer runs its forward, a saved-tensor hook keeps a
-recipe instead of any tensor saved from a norm's output, and the backward recomputes that output
-once, with the norm's own code, when the first projection asks for it. Every result and gradient
-is bit-identical to the unpatched model; what changes is one hidden-sized tensor per norm, two per
-layer (docs/benchmarks.md, "Where the memory goes").
+operations away from the input. Likewise o_proj keeps its input, attention's output, which the
+attention kernel has already kept in its own layout (finetune.models.attention records how to
+rebuild it). Here, while a layer runs its forward, a saved-tensor hook keeps a recipe instead of
+any tensor saved from such an output, and the backward recomputes the output once, when its first
+reader asks for it. Every result and gradient is bit-identical to the unpatched model; what
+changes is one hidden-sized tensor per norm and one for attention, three per layer
+(docs/benchmarks.md, "Where the memory goes").
 
-``keep_norm_inputs_only(model)`` switches the blocks of the layer stack (the modules of an
+``keep_less_in_layers(model)`` switches the blocks of the layer stack (the modules of an
 ``nn.ModuleList``) that have an RMSNorm child whose ``forward`` is exactly Llama's. Not used with
 gradient checkpointing (which recomputes the whole layer) nor with sharded parameters (FSDP,
 DeepSpeed ZeRO-3), where the norm's weight may be gone when the backward reaches the projections.
@@ -26,9 +29,8 @@ from finetune.models.recipes import as_recipe, is_lean, lean_class, unpack
 class _NormOutput:
     """A norm's output as (norm, input): recomputed on first use, then shared by its readers."""
 
-    def __init__(self, norm: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, norm: nn.Module, x: torch.Tensor):
         self.norm, self.x, self.version, self.y = norm, x, x._version, None
-        self.output_version = y._version  # a reader saving the output after an in-place change keeps it
 
     def value(self) -> torch.Tensor:
         if self.y is None:
@@ -41,15 +43,15 @@ class _NormOutput:
 
 
 class _Recipes:
-    """Saved-tensor hooks for one layer's forward: a tensor saved from the storage of a norm output
+    """Saved-tensor hooks for one layer's forward: a tensor saved from the storage of an output
     recorded here is kept as that output's recipe and its view; every other tensor as it is."""
 
     def __init__(self):
-        self.outputs: dict[int, _NormOutput] = {}  # storage address -> recipe; the outputs stay alive meanwhile
-        self.alive: list[torch.Tensor] = []
+        self.outputs: dict[int, tuple] = {}  # storage address -> (recipe, output's version at record)
+        self.alive: list[torch.Tensor] = []  # the outputs stay alive meanwhile, so addresses stay theirs
 
-    def record(self, norm: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.outputs[y.untyped_storage().data_ptr()] = _NormOutput(norm, x, y)
+    def record(self, recipe, y: torch.Tensor) -> None:
+        self.outputs[y.untyped_storage().data_ptr()] = (recipe, y._version)
         self.alive.append(y)
 
     def close(self) -> None:
@@ -59,13 +61,21 @@ class _Recipes:
         self.alive.clear()
 
     def pack(self, t: torch.Tensor):
-        recipe = self.outputs.get(t.untyped_storage().data_ptr())
-        return t if recipe is None or t._version != recipe.output_version else as_recipe(recipe, t)
+        recipe, version = self.outputs.get(t.untyped_storage().data_ptr(), (None, None))
+        # a reader saving the output after an in-place change keeps it: the recipe gives the value from before
+        return t if recipe is None or t._version != version else as_recipe(recipe, t)
 
     unpack = staticmethod(unpack)
 
 
 _ACTIVE: list[_Recipes] = []  # the recipes of the layers whose forward is running (innermost last)
+
+
+def keep_as_recipe(y: torch.Tensor, recipe) -> None:
+    """Inside a lean layer's forward with gradients on, let readers that save ``y`` keep
+    ``recipe`` (whose ``value()`` gives ``y``'s whole storage back) instead; otherwise nothing."""
+    if _ACTIVE and torch.is_grad_enabled():
+        _ACTIVE[-1].record(recipe, y)
 
 
 def _original_forward(module: nn.Module):
@@ -74,8 +84,7 @@ def _original_forward(module: nn.Module):
 
 def lean_norm_forward(self, x):
     y = _original_forward(self)(self, x)
-    if _ACTIVE and torch.is_grad_enabled():
-        _ACTIVE[-1].record(self, x, y)
+    keep_as_recipe(y, _NormOutput(self, x))
     return y
 
 
@@ -103,7 +112,7 @@ def qualifies(norm: nn.Module) -> bool:
             and "forward" not in norm.__dict__)
 
 
-def keep_norm_inputs_only(model: nn.Module) -> int:
+def keep_less_in_layers(model: nn.Module) -> int:
     """Switch every block of ``model``'s layer stacks that has a qualifying norm child (classes become
     subclasses with only ``forward`` replaced; parameters and state-dict keys unchanged); returns
     how many blocks."""
