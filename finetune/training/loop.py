@@ -186,6 +186,16 @@ def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str |
     return {"run_dir": str(run.path), **summary}
 
 
+def recompute_layers(model) -> None:
+    """Gradient checkpointing of every decoder layer, non-reentrant (transformers 5 calls it
+    activation checkpointing; the old name warns, and goes in v6)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def set_up(s: Session) -> None:
     """Seed → tokenizer and training examples → base model → method attached (and base modules
     trained in full) → optimizer and schedule → wrapped for the processes → checkpoint restored."""
@@ -222,7 +232,7 @@ def set_up(s: Session) -> None:
     s.cost = flops.Cost(model, s.adapter)
     s.peak = flops.peak_flops(torch.device(s.device), PRECISION_DTYPES[mixed_precision(t, s.device)])
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recompute_layers(model)
     model.config.use_cache = False
     resumed = checkpoint.open_checkpoint(s.start.checkpoint) if s.start.checkpoint else None
     if resumed:  # trained weights (ReMoRA: also its base weights and layer types) before wrapping

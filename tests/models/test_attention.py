@@ -86,11 +86,13 @@ def test_gradient_checkpointing_recomputes_the_same_cut(tiny_model):
     """Checkpointed layers call attention again in the backward: same segments, same gradients."""
     import copy
 
+    from finetune.training.loop import recompute_layers
+
     plain = copy.deepcopy(tiny_model).train()
     checkpointed = copy.deepcopy(tiny_model).train()
     for m in (plain, checkpointed):
         use_for_training(m)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    recompute_layers(checkpointed)
     _, row, pos = packed_row(tiny_model.config.vocab_size, [9, 4, 11])
     for m in (plain, checkpointed):
         m(input_ids=row, position_ids=pos, labels=row, use_cache=False).loss.backward()
