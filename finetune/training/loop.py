@@ -186,10 +186,10 @@ def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str |
     return {"run_dir": str(run.path), **summary}
 
 
-def recompute_layers(model) -> None:
-    """Gradient checkpointing of every decoder layer, non-reentrant (transformers 5 calls it
-    activation checkpointing; the old name warns, and goes in v6)."""
-    kwargs = {"use_reentrant": False}
+def recompute_layers(model, reentrant: bool = False) -> None:
+    """Gradient checkpointing of every decoder layer, non-reentrant unless asked (transformers 5
+    calls it activation checkpointing; the old name warns, and goes in v6)."""
+    kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -27,6 +27,7 @@ from finetune.adapters.vblora import (
     tkam,
 )
 from finetune.errors import UserError
+from finetune.training.loop import recompute_layers
 
 from conftest import ids, logits_of
 
@@ -493,11 +494,7 @@ def test_gradient_checkpointing(tiny_model, reentrant):
     ref = _grads(tiny_model, adapter, x)
     if reentrant:
         tiny_model.enable_input_require_grads()
-    kwargs = {"use_reentrant": reentrant}
-    if hasattr(tiny_model, "activation_checkpointing_enable"):  # transformers >= 5 name
-        tiny_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    recompute_layers(tiny_model, reentrant)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = _grads(tiny_model, adapter, x)
