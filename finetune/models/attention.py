@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.models.lean_layer import keep_as_recipe
+from finetune.models.recipes import Recomputed
 
 PACKED = "finetune_packed_sdpa"
 # attention-interface arguments under which attention is not plain causal softmax attention
@@ -83,30 +84,22 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
              for qs, ks, vs in zip(q.split(cut, 1), k.split(cut, 1), v.split(cut, 1))]
             for q, k, v, cut in zip(query.unbind(0), key.unbind(0), value.unbind(0), lengths)]
     out = _Output(rows)
-    y = out.assemble()
+    y = out.compute()
     keep_as_recipe(y, out)  # o_proj, keeping its input, keeps this recipe instead (in a lean layer)
     return y, None
 
 
-class _Output:
+class _Output(Recomputed):
     """The attention output, (b, L, heads, d), from its per-example parts (which the attention
     kernel keeps for its own backward anyway): assembled in the forward, and again on first use in
     the backward where a lean layer (finetune.models.lean_layer) kept this recipe for it."""
 
     def __init__(self, rows: list[list[torch.Tensor]]):
-        self.rows, self.versions, self.y = rows, [p._version for row in rows for p in row], None
+        super().__init__([p for row in rows for p in row], "a part of attention's output")
+        self.rows = rows
 
-    def assemble(self) -> torch.Tensor:
+    def compute(self) -> torch.Tensor:
         return torch.stack([torch.cat(parts, 1) for parts in self.rows]).transpose(1, 2).contiguous()
-
-    def value(self) -> torch.Tensor:
-        if self.y is None:
-            if [p._version for row in self.rows for p in row] != self.versions:
-                raise RuntimeError("attention's output was modified in place after the forward; "
-                                   "it cannot be assembled again for the backward")
-            with torch.no_grad():
-                self.y = self.assemble()
-        return self.y
 
 
 def _register() -> None:

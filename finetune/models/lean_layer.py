@@ -23,23 +23,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from finetune.models.recipes import as_recipe, is_lean, lean_class, unpack
+from finetune.models.recipes import Recomputed, as_recipe, is_lean, lean_class, unpack
 
 
-class _NormOutput:
-    """A norm's output as (norm, input): recomputed on first use, then shared by its readers."""
+class _NormOutput(Recomputed):
+    """A norm's output as (norm, input)."""
 
     def __init__(self, norm: nn.Module, x: torch.Tensor):
-        self.norm, self.x, self.version, self.y = norm, x, x._version, None
+        super().__init__([x], f"the input of {type(norm).__name__}")
+        self.norm, self.x = norm, x
 
-    def value(self) -> torch.Tensor:
-        if self.y is None:
-            if self.x._version != self.version:
-                raise RuntimeError(f"the input of {type(self.norm).__name__} was modified in place after the forward; "
-                                   "its output cannot be recomputed for the backward")
-            with torch.no_grad():
-                self.y = _original_forward(self.norm)(self.norm, self.x)
-        return self.y
+    def compute(self) -> torch.Tensor:
+        return _original_forward(self.norm)(self.norm, self.x)
 
 
 class _Recipes:

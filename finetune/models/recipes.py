@@ -3,7 +3,8 @@ hooks (``torch.autograd.graph.saved_tensors_hooks``) shared by the lean MLP and 
 and the lean subclasses through which those modules get their forward.
 
 A recipe is any object whose ``value()`` returns the tensor it stands for (the whole storage the
-saved tensor viewed); the saved view is taken again on unpacking.
+saved tensor viewed); the saved view is taken again on unpacking. ``Recomputed`` is the common
+kind: computed once in the backward from inputs checked unchanged, and shared by its readers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,26 @@ import torch
 def as_recipe(recipe, t: torch.Tensor) -> tuple:
     """What a pack hook returns to keep ``t`` (a view of ``recipe``'s tensor) as ``recipe``."""
     return recipe, t.size(), t.stride(), t.storage_offset()
+
+
+class Recomputed:
+    """A recipe computed again on first use from ``inputs`` (checked not to have been changed in
+    place since the forward), then shared by all its readers. Subclasses give ``compute()``."""
+
+    def __init__(self, inputs: list[torch.Tensor], what: str):
+        self.inputs, self.versions, self.what, self.y = inputs, [t._version for t in inputs], what, None
+
+    def compute(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def value(self) -> torch.Tensor:
+        if self.y is None:
+            if [t._version for t in self.inputs] != self.versions:
+                raise RuntimeError(f"{self.what} was modified in place after the forward; "
+                                   "it cannot be recomputed for the backward")
+            with torch.no_grad():
+                self.y = self.compute()
+        return self.y
 
 
 def unpack(packed) -> torch.Tensor:

@@ -81,7 +81,7 @@ def test_attention_output_is_assembled_again_or_refused():
     """The recipe gives attention's output back as the forward built it; parts changed in place
     since then: an error, not a wrong value."""
     rows = [[torch.randn(2, 3, 4), torch.randn(2, 5, 4)] for _ in range(2)]  # per row: (heads, l, d) parts
-    y = attention._Output(rows).assemble()
+    y = attention._Output(rows).compute()
     assert y.shape == (2, 8, 2, 4) and y.is_contiguous()
     assert torch.equal(y[1, 3:, 0], rows[1][1][0])
     assert torch.equal(attention._Output(rows).value(), y)
