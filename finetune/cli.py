@@ -315,6 +315,14 @@ def main() -> None:
     # then warns on every command that it found none. Telling it so up front keeps that quiet.
     if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args[:1] == ["train"]:
+        from finetune.allocator import restart_with_jemalloc
+
+        try:
+            restart_with_jemalloc()  # returns only where the process keeps its malloc
+        except UserError as e:
+            typer.echo(f"finetune: error: {e}", err=True)
+            sys.exit(e.exit_code)
     if args[:1] == ["config"]:
         code = _config_fast_path(args[1:])
         if code is not None:

@@ -127,9 +127,20 @@ def hardware() -> dict:
             "platform": platform.platform(), "host": socket.gethostname(), **gpu_info()}
 
 
+def allocator_in_use() -> str:
+    """``jemalloc``, ``tcmalloc`` or ``mimalloc`` when such a library is mapped into this process,
+    else ``system`` (the C library's malloc)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "system"
+    return next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if f"lib{name}" in maps), "system")
+
+
 def environment_info(device: str) -> dict:
     """Versions, hardware and git state for run.json's ``environment``."""
-    return {**versions(), "device": device, **hardware(), **git_state()}
+    return {**versions(), "device": device, **hardware(), "allocator": allocator_in_use(), **git_state()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ The same fine-tuning job several ways, each run in its own process, alternating:
                model's standard cross-entropy.
     finetune-recompute  the same with trainer.gradient_checkpointing=true: each decoder layer's
                activations recomputed in the backward instead of kept (TRL's default, below).
+    finetune-partial  the same with trainer.checkpoint_every_n_layers=3: a third of the layers
+               recomputed, the others keeping their (lean) activations.
     trl-bfd    TRL's SFTTrainer + peft (`pip install trl`), the same tokenized examples (their labels:
                loss on the answer), `packing=True, packing_strategy="bfd"`: best-fit packing,
                padding-free (examples kept apart by position ids), as many packed rows per step
@@ -36,7 +38,10 @@ Measured per run: non-padding tokens per second over the optimizer steps after -
 the last warm-up step to the end of the last step, so data loading, collation, forward, backward
 and optimizer step are all inside), and peak memory: on CPU the peak resident set size of the
 whole process from the kernel (ru_maxrss via wait4, model loading included), on CUDA
-torch.cuda.max_memory_allocated. The summary is the median over --reps runs of each, and the
+torch.cuda.max_memory_allocated. `finetune train` runs with jemalloc where one is installed (its
+default, finetune.allocator; FINETUNE_ALLOCATOR=system in this script's environment turns it off),
+the baselines with the C library's malloc as their users run them, or with jemalloc preloaded too
+under --baseline-allocator jemalloc; every run records the allocator it had. The summary is the median over --reps runs of each, and the
 ratios finetune / each other system. Goals: >= 1.5x peft + Trainer's tokens/s at <= 0.6x its peak
 memory; >= 2.5x TRL's padding-free (bfd) packing and >= 2x its wrapped packing, at <= 0.5x their
 peak memory.
@@ -75,8 +80,11 @@ from benchlib import (  # noqa: E402
 
 DATA = "/work/shared/data/gsm8k/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# finetune's two ways: system -> (what it adds to the job's overrides, label suffix)
+PARTIAL = 3  # finetune-partial: trainer.checkpoint_every_n_layers
+# finetune's three ways: system -> (what it adds to the job's overrides, label suffix)
 FINETUNE = {"finetune": ([], ""),
+            "finetune-partial": (["trainer.gradient_checkpointing=true", f"trainer.checkpoint_every_n_layers={PARTIAL}"],
+                                 f", 1 layer in {PARTIAL} recomputed"),
             "finetune-recompute": (["trainer.gradient_checkpointing=true"], ", activations recomputed")}
 # system -> (label, speed goal: finetune's tokens/s at least this multiple, memory goal: at most this fraction)
 BASELINES = {"baseline": ("peft + Trainer (padding per batch)", 1.5, 0.6),
@@ -100,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--loss-chunk", type=int, default=1024, help="finetune's trainer.loss_chunk")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
+    p.add_argument("--baseline-allocator", choices=("system", "jemalloc"), default="system",
+                   help="the baselines' malloc: the C library's (as their users run them) or jemalloc preloaded")
     p.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `finetune train` override (repeatable), e.g. trainer.gradient_checkpointing=true")
     p.add_argument("--systems", nargs="+", default=[*FINETUNE, *BASELINES], choices=[*FINETUNE, *BASELINES],
@@ -163,6 +173,7 @@ def worker_baseline(spec: dict) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
+    from finetune.environment import allocator_in_use
     from finetune.models.load import source_dir
 
     cfg, tokenizer, examples = build_examples(spec, packing=False)
@@ -234,7 +245,7 @@ def worker_baseline(spec: dict) -> None:
     n = spec["steps"]
     result = {"step_end_times": step_ends[1:n + 1], "train_begin": step_ends[0],
               "tokens_per_step": [b[0] for b in batches[:n]], "padded_tokens_per_step": [b[1] for b in batches[:n]],
-              "losses": losses[:n], "trainable_params": trainable,
+              "losses": losses[:n], "trainable_params": trainable, "allocator": allocator_in_use(),
               "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
     Path(spec["result"]).write_text(json.dumps(result))
 
@@ -278,13 +289,20 @@ def run_finetune(args, spec: dict, system: str, rows: int, rep: int, work: Path,
             "cuda_peak_mb": info.get("peak_memory_mb") if args.device == "cuda" else None,
             "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
             "steps": len(steps), "trainable_params": params.get("trainable_params"),
-            "process_wall_s": res["wall_s"], "log": res["log"], "command": "finetune train " + " ".join(overrides)}
+            "process_wall_s": res["wall_s"], "log": res["log"], "command": "finetune train " + " ".join(overrides),
+            "allocator": info.get("environment", {}).get("allocator")}
 
 
 def run_baseline(args, spec: dict, system: str, rows: int, rep: int, work: Path, env: dict) -> dict:
     result_file = work / f"{system}-{rep}.json"
     bspec = dict(spec, result=str(result_file), system=system, rows=rows)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "baseline", "--spec", json.dumps(bspec)]
+    if args.baseline_allocator == "jemalloc":
+        from finetune.allocator import find_jemalloc, with_jemalloc
+
+        if find_jemalloc() is None:
+            sys.exit("--baseline-allocator jemalloc: no jemalloc library found (Debian/Ubuntu: apt install libjemalloc2)")
+        env = with_jemalloc(env, find_jemalloc())  # as finetune train sets it up
     res = run_measured(cmd, work / f"{system}-{rep}.log", env=env, timeout=args.timeout)
     check_ok(res, BASELINES[system][0])
     r = json.loads(result_file.read_text())
@@ -296,7 +314,8 @@ def run_baseline(args, spec: dict, system: str, rows: int, rep: int, work: Path,
             "peak_rss_mb": res["peak_rss_mb"], "cuda_peak_mb": r["cuda_peak_mb"],
             "first_loss": r["losses"][0] if r["losses"] else None,
             "last_loss": r["losses"][-1] if r["losses"] else None, "steps": len(r["step_end_times"]),
-            "trainable_params": r["trainable_params"], "process_wall_s": res["wall_s"], "log": res["log"]}
+            "trainable_params": r["trainable_params"], "process_wall_s": res["wall_s"], "log": res["log"],
+            "allocator": r["allocator"]}
 
 
 def summarise(runs: list[dict], device: str) -> dict:
@@ -361,10 +380,10 @@ def markdown(args, spec, rows, stats, summary, runs, info) -> str:
              md_table(["system", "non-padding tokens/s", mem, "tokens/step", "padding %", "last loss",
                        "trainable params"], table), "",
              "Per run:", "",
-             md_table(["rep", "system", "tokens/s", "peak RSS MiB", "CUDA peak MiB", "process wall s"],
+             md_table(["rep", "system", "tokens/s", "peak RSS MiB", "CUDA peak MiB", "process wall s", "allocator"],
                       [[r["rep"], r["system"], f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-",
                         f"{r['peak_rss_mb']:,.0f}", f"{r['cuda_peak_mb']:,.0f}" if r["cuda_peak_mb"] else "-",
-                        f"{r['process_wall_s']:.0f}"] for r in runs]), "",
+                        f"{r['process_wall_s']:.0f}", r["allocator"]] for r in runs]), "",
              "Command: `python scripts/bench_throughput.py " + " ".join(sys.argv[1:]) + "`"]
     return "\n".join(lines)
 

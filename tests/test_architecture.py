@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
 
 # Lowest first: a module may import its own layer and the layers before it, never a later one.
 LAYERS = [
-    ["finetune", "finetune.errors", "finetune.environment", "finetune.progress"],
+    ["finetune", "finetune.errors", "finetune.allocator", "finetune.environment", "finetune.progress"],
     ["finetune.config"],
     ["finetune.data"],
     ["finetune.models"],

@@ -73,7 +73,7 @@ def validate(cfg) -> None:
     _finite(cfg)
     for key in ["trainer.max_steps", "trainer.lr", "trainer.batch_size", "trainer.grad_accum",
                 "method.rank", "task.num_pairs", "task.max_length", "trainer.log_every",
-                "task.eval_batch_size", "task.max_new_tokens"]:
+                "task.eval_batch_size", "task.max_new_tokens", "trainer.checkpoint_every_n_layers"]:
         _positive(cfg, key)
     for key in ["trainer.warmup_steps", "trainer.save_every", "trainer.eval_every",
                 "trainer.max_grad_norm", "trainer.weight_decay", "trainer.loss_chunk"]:

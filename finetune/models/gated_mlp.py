@@ -13,8 +13,8 @@ about half the MLP's activation memory, for a few elementwise passes in the back
 
 ``keep_less_for_training(model)`` switches the MLPs that qualify: their ``forward`` is exactly
 Llama's (the same bytecode) and their activation SiLU. Outside training (no gradient needed) the
-patched forward is the original computation. Not used with gradient checkpointing, which recomputes
-the whole layer anyway and has saved-tensor hooks of its own.
+patched forward is the original computation. Not used inside the decoder layers that gradient
+checkpointing recomputes whole: it has saved-tensor hooks of its own there.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from finetune.models.recipes import as_recipe, lean_class, unpack
+from finetune.models.recipes import as_recipe, in_checkpointed_layers, lean_class, unpack
 
 
 class _SiluProduct(torch.autograd.Function):
@@ -93,9 +93,9 @@ def qualifies(module: nn.Module) -> bool:
 def keep_less_for_training(model: nn.Module) -> int:
     """Give every qualifying MLP of ``model`` the lean forward (its class becomes a subclass with
     only ``forward`` replaced; parameters and state-dict keys unchanged); returns how many."""
-    count = 0
+    count, checkpointed = 0, in_checkpointed_layers(model)
     for module in model.modules():
-        if qualifies(module):  # (a lean class no longer has Llama's forward)
+        if qualifies(module) and id(module) not in checkpointed:  # (a lean class no longer has Llama's forward)
             module.__class__ = lean_class(type(module), lean_forward)
             count += 1
     return count

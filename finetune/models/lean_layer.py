@@ -13,9 +13,10 @@ changes is one hidden-sized tensor per norm and one for attention, three per lay
 (docs/benchmarks.md, "Where the memory goes").
 
 ``keep_less_in_layers(model)`` switches the blocks of the layer stack (the modules of an
-``nn.ModuleList``) that have an RMSNorm child whose ``forward`` is exactly Llama's. Not used with
-gradient checkpointing (which recomputes the whole layer) nor with sharded parameters (FSDP,
-DeepSpeed ZeRO-3), where the norm's weight may be gone when the backward reaches the projections.
+``nn.ModuleList``) that have an RMSNorm child whose ``forward`` is exactly Llama's, except the
+blocks gradient checkpointing recomputes whole (all of them, or every n-th). Not used with sharded
+parameters (FSDP, DeepSpeed ZeRO-3), where the norm's weight may be gone when the backward reaches
+the projections.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from finetune.models.recipes import Recomputed, as_recipe, is_lean, lean_class, unpack
+from finetune.models.recipes import Recomputed, as_recipe, in_checkpointed_layers, is_lean, lean_class, unpack
 
 
 class _NormOutput(Recomputed):
@@ -111,11 +112,11 @@ def keep_less_in_layers(model: nn.Module) -> int:
     """Switch every block of ``model``'s layer stacks that has a qualifying norm child (classes become
     subclasses with only ``forward`` replaced; parameters and state-dict keys unchanged); returns
     how many blocks."""
-    count = 0
+    count, checkpointed = 0, in_checkpointed_layers(model)
     for stack in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
         for layer in stack:
             norms = [child for child in layer.children() if qualifies(child)]
-            if not norms or is_lean(layer) or "forward" in layer.__dict__:
+            if not norms or is_lean(layer) or "forward" in layer.__dict__ or id(layer) in checkpointed:
                 continue
             for norm in norms:
                 norm.__class__ = lean_class(type(norm), lean_norm_forward)

@@ -10,6 +10,7 @@ kind: computed once in the backward from inputs checked unchanged, and shared by
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def as_recipe(recipe, t: torch.Tensor) -> tuple:
@@ -59,3 +60,12 @@ def lean_class(cls: type, forward) -> type:
 
 def is_lean(module) -> bool:
     return type(module) in _LEAN.values()
+
+
+def in_checkpointed_layers(model: nn.Module) -> set[int]:
+    """``id``s of the modules inside the blocks of ``model``'s layer stacks that gradient
+    checkpointing recomputes whole (transformers' per-layer ``gradient_checkpointing`` flag on).
+    Lean forwards stay off there: checkpointing's own saved-tensor hooks decide what is kept."""
+    return {id(m) for stack in model.modules() if isinstance(stack, nn.ModuleList)
+            for layer in stack if getattr(layer, "gradient_checkpointing", False) is True
+            for m in layer.modules()}

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 import time
@@ -186,14 +187,19 @@ def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str |
     return {"run_dir": str(run.path), **summary}
 
 
-def recompute_layers(model, reentrant: bool = False) -> None:
-    """Gradient checkpointing of every decoder layer, non-reentrant unless asked (transformers 5
-    calls it activation checkpointing; the old name warns, and goes in v6)."""
+def recompute_layers(model, reentrant: bool = False, every_n_layers: int = 1) -> None:
+    """Gradient checkpointing of every ``every_n_layers``-th decoder layer (the first, then every
+    n-th), non-reentrant unless asked (transformers 5 calls it activation checkpointing; the old
+    name warns, and goes in v6)."""
     kwargs = {"use_reentrant": reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+    elif every_n_layers == 1:
+        (enable or model.gradient_checkpointing_enable)(kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        raise UserError(f"trainer.checkpoint_every_n_layers={every_n_layers} needs a transformers whose "
+                        "activation_checkpointing_enable takes every_n_layers (5.24 does); use 1 with this one")
 
 
 def set_up(s: Session) -> None:
@@ -219,10 +225,11 @@ def set_up(s: Session) -> None:
                         f"{context} positions (max_position_embeddings); use task.max_length <= {context}")
     s.base_params = count_params(model)
     use_for_training(model)  # packed rows: attention within each example only (sdpa models)
-    if not t.gradient_checkpointing:
-        keep_less_for_training(model)  # Llama-style MLPs: two activations kept for the backward, not four
-        if cfg.launcher.name not in ("fsdp", "deepspeed"):
-            keep_less_in_layers(model)  # norm and attention outputs recomputed in the backward (needs the norm weights there)
+    if t.gradient_checkpointing:  # the layers it recomputes whole keep their own forward
+        recompute_layers(model, every_n_layers=t.checkpoint_every_n_layers)
+    keep_less_for_training(model)  # Llama-style MLPs: two activations kept for the backward, not four
+    if cfg.launcher.name not in ("fsdp", "deepspeed"):
+        keep_less_in_layers(model)  # norm and attention outputs recomputed in the backward (needs the norm weights there)
     s.adapter = adapters.attach(model, cfg.method.name, method_settings(cfg))
     # Base modules the task trains in full next to the adapter (pretraining: embeddings, norms,
     # lm_head); they are saved with the base in RUN_DIR/base at the end.
@@ -231,8 +238,6 @@ def set_up(s: Session) -> None:
     s.before = _base_answers(s, model)
     s.cost = flops.Cost(model, s.adapter)
     s.peak = flops.peak_flops(torch.device(s.device), PRECISION_DTYPES[mixed_precision(t, s.device)])
-    if t.gradient_checkpointing:
-        recompute_layers(model)
     model.config.use_cache = False
     resumed = checkpoint.open_checkpoint(s.start.checkpoint) if s.start.checkpoint else None
     if resumed:  # trained weights (ReMoRA: also its base weights and layer types) before wrapping

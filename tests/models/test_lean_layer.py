@@ -17,6 +17,7 @@ from finetune.models.attention import use_for_training
 from finetune.models.gated_mlp import keep_less_for_training
 from finetune.models.lean_layer import keep_less_in_layers, qualifies
 from finetune.models.recipes import is_lean
+from finetune.training.loop import recompute_layers
 
 from bit_identical import assert_bit_identical, batch, packed_positions, with_adapter
 
@@ -32,6 +33,25 @@ def test_logits_and_gradients_are_bit_identical(tiny_model, method, packed):
     keep_less_for_training(lean)
     assert keep_less_in_layers(lean) == plain.config.num_hidden_layers
     assert_bit_identical(plain, lean, packed=packed)
+
+
+def test_every_nth_layer_recomputed_and_the_others_lean(tiny_model):
+    """trainer.checkpoint_every_n_layers=2 on the 2-layer model: the first layer is recomputed whole
+    by checkpointing (its forward runs twice, nothing lean inside), the second keeps less; both
+    bit-identical to the plain model."""
+    use_for_training(tiny_model)
+    plain = with_adapter(tiny_model, "lora")
+    mixed = copy.deepcopy(plain)
+    recompute_layers(mixed, every_n_layers=2)
+    assert keep_less_for_training(mixed) == 1 and keep_less_in_layers(mixed) == 1
+    first, second = mixed.model.layers
+    assert first.gradient_checkpointing and not second.gradient_checkpointing
+    assert not is_lean(first) and not is_lean(first.mlp) and is_lean(second) and is_lean(second.mlp)
+    calls = [0, 0]  # (module hooks do not run in checkpointing's recomputation: count the forwards)
+    for i, mlp in enumerate((first.mlp, second.mlp)):
+        mlp.forward = lambda x, i=i, forward=mlp.forward: calls.__setitem__(i, calls[i] + 1) or forward(x)
+    assert_bit_identical(plain, mixed, packed=True)
+    assert calls == [2, 1]  # the forward, and the first layer's recomputation in the backward
 
 
 def test_norm_and_attention_outputs_are_not_kept_for_the_backward(tiny_model, monkeypatch):

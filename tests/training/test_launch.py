@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.allocator import find_jemalloc
 from finetune.config.compose import compose
 from finetune.errors import UserError
 from finetune.training.launch import accelerate_args, child_args, config_file, plan_processes
@@ -124,6 +125,9 @@ def test_two_processes_with_accumulation_equal_one_process(tmp_path):
 
     info = json.loads((two / "run.json").read_text())
     assert info["status"] == "finished" and info["num_processes"] == 2
+    # `finetune train` started itself again with jemalloc where one is installed (CI installs it);
+    # the ranks inherit it, and the numbers below match this process's glibc run all the same.
+    assert info["environment"]["allocator"] == ("jemalloc" if find_jemalloc() else "system")
     for a, b in zip(records(one), records(two), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and a["tokens"] == b["tokens"]
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * a["grad_norm"]  # Adam hides a scale error
