@@ -14,8 +14,8 @@ The same fine-tuning job several ways, each run in its own process, alternating:
                model's standard cross-entropy.
     finetune-recompute  the same with trainer.gradient_checkpointing=true: each decoder layer's
                activations recomputed in the backward instead of kept (TRL's default, below).
-    finetune-partial  the same with trainer.checkpoint_every_n_layers=3: a third of the layers
-               recomputed, the others keeping their (lean) activations.
+    finetune-partial  the same with trainer.checkpoint_every_n_layers=4: one layer in four
+               recomputed (the first, then every 4th), the others keeping their (lean) activations.
     trl-bfd    TRL's SFTTrainer + peft (`pip install trl`), the same tokenized examples (their labels:
                loss on the answer), `packing=True, packing_strategy="bfd"`: best-fit packing,
                padding-free (examples kept apart by position ids), as many packed rows per step
@@ -80,7 +80,7 @@ from benchlib import (  # noqa: E402
 
 DATA = "/work/shared/data/gsm8k/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PARTIAL = 3  # finetune-partial: trainer.checkpoint_every_n_layers
+PARTIAL = 4  # finetune-partial: trainer.checkpoint_every_n_layers
 # finetune's three ways: system -> (what it adds to the job's overrides, label suffix)
 FINETUNE = {"finetune": ([], ""),
             "finetune-partial": (["trainer.gradient_checkpointing=true", f"trainer.checkpoint_every_n_layers={PARTIAL}"],
@@ -106,7 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--loss-chunk", type=int, default=1024, help="finetune's trainer.loss_chunk")
+    p.add_argument("--loss-chunk", type=int, default=256, help="finetune's trainer.loss_chunk (its default)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
     p.add_argument("--baseline-allocator", choices=("system", "jemalloc"), default="system",
                    help="the baselines' malloc: the C library's (as their users run them) or jemalloc preloaded")
