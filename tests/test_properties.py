@@ -19,9 +19,9 @@ BOUNDED = settings(max_examples=80, deadline=None, derandomize=True,
 
 KEYS = ["trainer.max_steps", "trainer.lr", "trainer.batch_size", "trainer.grad_accum", "trainer.warmup_steps",
         "trainer.seed", "trainer.max_grad_norm", "trainer.weight_decay", "trainer.loss_chunk", "trainer.schedule",
-        "trainer.save_every", "trainer.keep_checkpoints", "trainer.precision", "method.rank", "method.alpha",
-        "method.dropout", "method.targets", "method.init", "task.num_pairs", "task.max_length", "model.dtype",
-        "model.quantize", "launcher.num_processes", "launcher.machine_rank", "logger"]
+        "trainer.save_every", "trainer.keep_checkpoints", "trainer.precision", "trainer.checkpoint_every_n_layers",
+        "method.rank", "method.alpha", "method.dropout", "method.targets", "method.init", "task.num_pairs",
+        "task.max_length", "model.dtype", "model.quantize", "launcher.num_processes", "launcher.machine_rank", "logger"]
 
 values = st.one_of(
     st.integers(min_value=-2**40, max_value=2**40),

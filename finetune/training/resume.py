@@ -44,7 +44,7 @@ RUN_DIR_ENV = "FINETUNE_RUN_DIR"
 # Config keys that may change between a checkpoint and its continuation without notice.
 FREE = ("output_dir", "trainer.resume", "trainer.overwrite", "trainer.save_every", "trainer.keep_checkpoints",
         "trainer.log_every", "trainer.eval_every", "trainer.merge", "trainer.loss_chunk",
-        "trainer.gradient_checkpointing", "logger", "launcher.")
+        "trainer.gradient_checkpointing", "trainer.checkpoint_every_n_layers", "logger", "launcher.")
 # Keys whose change makes the checkpoint another run's (checked by prefix).
 FIXED = ("model.", "method.", "task.", "trainer.seed")
 BATCH = ("trainer.batch_size", "trainer.grad_accum")
