@@ -1,6 +1,7 @@
 """Saved tensors kept as the recipe that recomputes them: the two halves of a pair of saved-tensor
 hooks (``torch.autograd.graph.saved_tensors_hooks``) shared by the lean MLP and the lean layers,
-and the lean subclasses through which those modules get their forward.
+the lean subclasses through which those modules get their forward, and the layers they stay out of
+(those gradient checkpointing recomputes whole).
 
 A recipe is any object whose ``value()`` returns the tensor it stands for (the whole storage the
 saved tensor viewed); the saved view is taken again on unpacking. ``Recomputed`` is the common
