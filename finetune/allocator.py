@@ -62,7 +62,7 @@ def preload_for(env=os.environ) -> str | None:
     return library
 
 
-def with_jemalloc(env: dict, library: str) -> dict:
+def with_jemalloc(env, library: str) -> dict:
     """``env`` for a process that starts with ``library`` preloaded, and jemalloc told to keep the
     pages it frees for reuse (unless MALLOC_CONF says otherwise): its default hands them back to
     the system after 10 s, and taking them again cost ≈ 15 % of the GSM8K job's speed here."""
@@ -78,4 +78,4 @@ def restart_with_jemalloc() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, with_jemalloc(dict(os.environ), library))
+    os.execve(sys.executable, sys.orig_argv, with_jemalloc(os.environ, library))
