@@ -14,8 +14,9 @@ The same fine-tuning job several ways, each run in its own process, alternating:
                model's standard cross-entropy.
     finetune-recompute  the same with trainer.gradient_checkpointing=true: each decoder layer's
                activations recomputed in the backward instead of kept (TRL's default, below).
-    finetune-partial  the same with trainer.checkpoint_every_n_layers=4: one layer in four
-               recomputed (the first, then every 4th), the others keeping their (lean) activations.
+    finetune-partial  the same with trainer.checkpoint_every_n_layers=--partial (4): one layer in
+               that many recomputed (the first, then every n-th), the others keeping their (lean)
+               activations.
     trl-bfd    TRL's SFTTrainer + peft (`pip install trl`), the same tokenized examples (their labels:
                loss on the answer), `packing=True, packing_strategy="bfd"`: best-fit packing,
                padding-free (examples kept apart by position ids), as many packed rows per step
@@ -80,12 +81,9 @@ from benchlib import (  # noqa: E402
 
 DATA = "/work/shared/data/gsm8k/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PARTIAL = 4  # finetune-partial: trainer.checkpoint_every_n_layers
-# finetune's three ways: system -> (what it adds to the job's overrides, label suffix)
-FINETUNE = {"finetune": ([], ""),
-            "finetune-partial": (["trainer.gradient_checkpointing=true", f"trainer.checkpoint_every_n_layers={PARTIAL}"],
-                                 f", 1 layer in {PARTIAL} recomputed"),
-            "finetune-recompute": (["trainer.gradient_checkpointing=true"], ", activations recomputed")}
+# finetune's three ways: system -> label suffix; finetune_overrides() gives what each adds to the job
+FINETUNE = {"finetune": "", "finetune-partial": ", 1 layer in {partial} recomputed",
+            "finetune-recompute": ", activations recomputed"}
 # system -> (label, speed goal: finetune's tokens/s at least this multiple, memory goal: at most this fraction)
 BASELINES = {"baseline": ("peft + Trainer (padding per batch)", 1.5, 0.6),
              "trl-bfd": ("TRL SFTTrainer + peft, packing bfd (padding-free)", 2.5, 0.5),
@@ -110,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
     p.add_argument("--baseline-allocator", choices=("system", "jemalloc"), default="system",
                    help="the baselines' malloc: the C library's (as their users run them) or jemalloc preloaded")
+    p.add_argument("--partial", type=int, default=4, metavar="N",
+                   help="finetune-partial: trainer.checkpoint_every_n_layers (1 decoder layer in N recomputed)")
     p.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `finetune train` override (repeatable), e.g. trainer.gradient_checkpointing=true")
     p.add_argument("--systems", nargs="+", default=[*FINETUNE, *BASELINES], choices=[*FINETUNE, *BASELINES],
@@ -133,6 +133,13 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------
 # Data: finetune's gsm8k task builds the examples for both sides
 # --------------------------------------------------------------------------------------------
+
+
+def finetune_overrides(system: str, partial: int) -> list[str]:
+    """What each of finetune's ways adds to the job's overrides."""
+    recompute = ["trainer.gradient_checkpointing=true"]
+    return {"finetune": [], "finetune-recompute": recompute,
+            "finetune-partial": [*recompute, f"trainer.checkpoint_every_n_layers={partial}"]}[system]
 
 
 def task_overrides(spec: dict, packing: bool) -> list[str]:
@@ -272,7 +279,8 @@ def run_finetune(args, spec: dict, system: str, rows: int, rep: int, work: Path,
         f"trainer.lr={args.lr}", "trainer.schedule=linear", "trainer.warmup_steps=0",
         "trainer.weight_decay=0.0", "trainer.max_grad_norm=1.0", f"trainer.loss_chunk={args.loss_chunk}",
         f"trainer.seed={spec['seed']}", f"trainer.device={args.device}", "trainer.merge=false", "logger=none",
-        "trainer.overwrite=true", f"output_dir={out}", *FINETUNE[system][0], *args.finetune_override]
+        "trainer.overwrite=true", f"output_dir={out}", *finetune_overrides(system, args.partial),
+        *args.finetune_override]
     cmd = [sys.executable, "-m", "finetune", "train", "-q", *overrides]
     res = run_measured(cmd, work / f"{system}-{rep}.log", env=env, timeout=args.timeout)
     check_ok(res, "finetune train")
@@ -350,8 +358,8 @@ def summarise(runs: list[dict], device: str) -> dict:
 def markdown(args, spec, rows, stats, summary, runs, info) -> str:
     mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     table = []
-    labels = {**{k: f"`finetune train` (packing, loss_chunk={args.loss_chunk}{suffix})"
-                 for k, (_, suffix) in FINETUNE.items()},
+    labels = {**{k: f"`finetune train` (packing, loss_chunk={args.loss_chunk}{suffix.format(partial=args.partial)})"
+                 for k, suffix in FINETUNE.items()},
               **{k: v[0] for k, v in BASELINES.items()}}
     for system, label in labels.items():
         s = summary.get(system)
