@@ -190,7 +190,10 @@ def train(cfg, overrides: list[str] = (), quiet: bool = False, config_dir: str |
 def recompute_layers(model, reentrant: bool = False, every_n_layers: int = 1) -> None:
     """Gradient checkpointing of every ``every_n_layers``-th decoder layer (the first, then every
     n-th), non-reentrant unless asked (transformers 5 calls it activation checkpointing; the old
-    name warns, and goes in v6)."""
+    name warns, and goes in v6). transformers also makes the embeddings' output require a gradient,
+    which only the reentrant kind needs (its checkpointed layers would otherwise get no gradient);
+    non-reentrant, that hook goes again, so the backward stops at the first layer's input as it
+    does without checkpointing (same gradients, the first layer's input gradient not computed)."""
     kwargs = {"use_reentrant": reentrant}
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
@@ -200,6 +203,8 @@ def recompute_layers(model, reentrant: bool = False, every_n_layers: int = 1) ->
     else:
         raise UserError(f"trainer.checkpoint_every_n_layers={every_n_layers} needs a transformers whose "
                         "activation_checkpointing_enable takes every_n_layers (5.24 does); use 1 with this one")
+    if not reentrant and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def set_up(s: Session) -> None:

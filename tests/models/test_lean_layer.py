@@ -50,8 +50,11 @@ def test_every_nth_layer_recomputed_and_the_others_lean(tiny_model):
     calls = [0, 0]  # (module hooks do not run in checkpointing's recomputation: count the forwards)
     for i, mlp in enumerate((first.mlp, second.mlp)):
         mlp.forward = lambda x, i=i, forward=mlp.forward: calls.__setitem__(i, calls[i] + 1) or forward(x)
+    embedded = []  # non-reentrant: no gradient asked for the embeddings' output, as without checkpointing
+    mixed.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(out.requires_grad))
     assert_bit_identical(plain, mixed, packed=True)
     assert calls == [2, 1]  # the forward, and the first layer's recomputation in the backward
+    assert embedded and not any(embedded)
 
 
 def test_norm_and_attention_outputs_are_not_kept_for_the_backward(tiny_model, monkeypatch):
