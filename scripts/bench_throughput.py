@@ -81,9 +81,11 @@ from benchlib import (  # noqa: E402
 
 DATA = "/work/shared/data/gsm8k/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# finetune's three ways: system -> label suffix; finetune_overrides() gives what each adds to the job
-FINETUNE = {"finetune": "", "finetune-partial": ", 1 layer in {partial} recomputed",
-            "finetune-recompute": ", activations recomputed"}
+# finetune's three ways: system -> (what it adds to the job's overrides, label suffix); {partial}: --partial
+FINETUNE = {"finetune": ([], ""),
+            "finetune-partial": (["trainer.gradient_checkpointing=true", "trainer.checkpoint_every_n_layers={partial}"],
+                                 ", 1 layer in {partial} recomputed"),
+            "finetune-recompute": (["trainer.gradient_checkpointing=true"], ", activations recomputed")}
 # system -> (label, speed goal: finetune's tokens/s at least this multiple, memory goal: at most this fraction)
 BASELINES = {"baseline": ("peft + Trainer (padding per batch)", 1.5, 0.6),
              "trl-bfd": ("TRL SFTTrainer + peft, packing bfd (padding-free)", 2.5, 0.5),
@@ -133,13 +135,6 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------
 # Data: finetune's gsm8k task builds the examples for both sides
 # --------------------------------------------------------------------------------------------
-
-
-def finetune_overrides(system: str, partial: int) -> list[str]:
-    """What each of finetune's ways adds to the job's overrides."""
-    recompute = ["trainer.gradient_checkpointing=true"]
-    return {"finetune": [], "finetune-recompute": recompute,
-            "finetune-partial": [*recompute, f"trainer.checkpoint_every_n_layers={partial}"]}[system]
 
 
 def task_overrides(spec: dict, packing: bool) -> list[str]:
@@ -279,7 +274,7 @@ def run_finetune(args, spec: dict, system: str, rows: int, rep: int, work: Path,
         f"trainer.lr={args.lr}", "trainer.schedule=linear", "trainer.warmup_steps=0",
         "trainer.weight_decay=0.0", "trainer.max_grad_norm=1.0", f"trainer.loss_chunk={args.loss_chunk}",
         f"trainer.seed={spec['seed']}", f"trainer.device={args.device}", "trainer.merge=false", "logger=none",
-        "trainer.overwrite=true", f"output_dir={out}", *finetune_overrides(system, args.partial),
+        "trainer.overwrite=true", f"output_dir={out}", *(o.format(partial=args.partial) for o in FINETUNE[system][0]),
         *args.finetune_override]
     cmd = [sys.executable, "-m", "finetune", "train", "-q", *overrides]
     res = run_measured(cmd, work / f"{system}-{rep}.log", env=env, timeout=args.timeout)
@@ -359,7 +354,7 @@ def markdown(args, spec, rows, stats, summary, runs, info) -> str:
     mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     table = []
     labels = {**{k: f"`finetune train` (packing, loss_chunk={args.loss_chunk}{suffix.format(partial=args.partial)})"
-                 for k, suffix in FINETUNE.items()},
+                 for k, (_, suffix) in FINETUNE.items()},
               **{k: v[0] for k, v in BASELINES.items()}}
     for system, label in labels.items():
         s = summary.get(system)
