@@ -124,10 +124,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((described + vocab).encode()).hexdigest()[:16]
 
 
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 def cached(key: dict, build: Callable[[], Examples]) -> Examples:
     """``build()``'s examples, stored once under ``FINETUNE_CACHE/data/<hash of key>``. The
     directory appears atomically (written aside, then renamed), so concurrent runs are safe."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    digest = _digest(key)
     target = cache_dir() / "data" / digest
     if (target / META_FILE).is_file():
         return Examples.load(target)
@@ -141,6 +145,24 @@ def cached(key: dict, build: Callable[[], Examples]) -> Examples:
     except OSError:  # another process cached the same data first
         shutil.rmtree(tmp, ignore_errors=True)
     return examples
+
+
+def cached_json(key: dict, build: Callable[[], list]) -> list:
+    """``build()``'s value (a task's evaluation prompts and answers, say), stored once as JSON in
+    ``FINETUNE_CACHE/data/<hash of key>.json`` (written aside, then renamed); an unreadable file is
+    built again. A warm run then needs neither the records nor the ``datasets`` library (whose
+    import alone holds ≈ 0.1 GB for the whole run)."""
+    target = cache_dir() / "data" / f"{_digest(key)}.json"
+    try:
+        return json.loads(target.read_text())
+    except (OSError, ValueError):
+        pass
+    value = build()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, target)
+    return value
 
 
 def load_examples(source_key, load_records: Callable, tokenizer, settings: dict,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from finetune.data.examples import load_examples
+from finetune.data.examples import cached_json, load_examples
 from finetune.data.formatting import alpaca_prompt, completion_row, prompt_ids, text_field
 from finetune.data.sources import Source, fingerprint, is_local, load_records, require_fields
 from finetune.errors import UserError
@@ -183,12 +183,27 @@ class Task:
         return self._eval
 
     def _load_eval(self) -> list[tuple[str, str]]:
+        """The evaluation problems; from local files they are cached (cached_json) like the
+        training rows, keyed on the files, the held-out count and the format."""
         if self.holding_out():
-            records = load_records(self.source, list(FIELDS[self.source_format]), self.cfg.num_proc)
-            held = holdout_split(len(records), self.cfg.eval_holdout, self.source.where)[1]
-            return self._items(records.select(held), self.source_format, self.source.where)
-        src = eval_source(self.cfg, HUB_NAMES) or Source("openai/gsm8k", "main", self.cfg.eval_split,
-                                                          key="task.eval_path")
+            src, held_out = self.source, self.cfg.eval_holdout
+        else:
+            src, held_out = eval_source(self.cfg, HUB_NAMES) or Source("openai/gsm8k", "main", self.cfg.eval_split,
+                                                                        key="task.eval_path"), None
+        key = fingerprint(src)
+        if key is None:  # a hub dataset
+            return self._eval_of(src, held_out)
+        settings = {"task": "gsm8k-eval", "version": FORMAT_VERSION, "source": self.source_format, "holdout": held_out}
+        return [tuple(item) for item in cached_json({"source": key, "settings": settings},
+                                                    lambda: self._eval_of(src, held_out))]
+
+    def _eval_of(self, src: Source, held_out: int | None) -> list[tuple[str, str]]:
+        """Held out (``held_out`` records at the end of the training data) or a whole evaluation
+        source, whose format (gsm8k or metamath) its fields tell."""
+        if held_out is not None:
+            records = load_records(src, list(FIELDS[self.source_format]), self.cfg.num_proc)
+            held = holdout_split(len(records), held_out, src.where)[1]
+            return self._items(records.select(held), self.source_format, src.where)
         records = load_records(src, num_proc=self.cfg.num_proc)
         fmt = "metamath" if "query" in records.column_names and "question" not in records.column_names else "gsm8k"
         require_fields(records.column_names, FIELDS[fmt], src.where)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from finetune.data.examples import Examples, load_examples
+from finetune.data.examples import Examples, cached_json, load_examples
 from finetune.data.sources import Source, fingerprint, load_records
 
 pytestmark = pytest.mark.usefixtures("data_cache")
@@ -53,3 +53,22 @@ def test_tokenized_rows_are_cached_by_source_tokenizer_and_settings(tmp_path, by
     assert calls == [2, 2]  # other settings: tokenized again
     write_jsonl(path, [{"text": "changed"}])
     assert len(load({"v": 1})) == 1 and calls == [2, 2, 1]  # the file changed
+
+
+def test_json_values_are_cached_and_an_unreadable_file_is_built_again():
+    from finetune.environment import cache_dir
+
+    built = []
+
+    def build():
+        built.append(1)
+        return [["a prompt", "7"]]
+
+    assert cached_json({"k": 1}, build) == [["a prompt", "7"]] and len(built) == 1
+    assert cached_json({"k": 1}, build) == [["a prompt", "7"]] and len(built) == 1  # from the file
+    assert cached_json({"k": 2}, build) and len(built) == 2  # another key
+    for f in (cache_dir() / "data").glob("*.json"):
+        f.write_text("{not json")
+    assert cached_json({"k": 1}, build) == [["a prompt", "7"]] and len(built) == 3
+    assert not list((cache_dir() / "data").glob(".*.tmp*"))  # nothing left half-written
+

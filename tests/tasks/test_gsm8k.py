@@ -85,6 +85,32 @@ def test_prompt_layout_and_answer_only_loss(tmp_path, byte_tokenizer):
                    byte_tokenizer).train_examples()
 
 
+def test_a_warm_run_needs_neither_the_records_nor_datasets(tmp_path, byte_tokenizer, monkeypatch):
+    """Training rows and held-out problems both come from the cache once built; a changed file or
+    another held-out count builds them again."""
+    import finetune.tasks.gsm8k as gsm8k
+
+    path = write(tmp_path / "train.jsonl", gsm8k_records(6))
+
+    def task(holdout=2):
+        return build_task(tiny_config("task=gsm8k", f"task.data.path={path}", f"task.eval_holdout={holdout}").task,
+                          byte_tokenizer)
+
+    cold = task()
+    rows, items = cold.train_examples(), cold.eval_items()
+    assert [gold for _, gold in items] == ["6", "7"]
+    loaded = []
+    real = gsm8k.load_records
+    monkeypatch.setattr(gsm8k, "load_records", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    warm = task()
+    assert [warm.train_examples()[i] for i in range(len(rows))] == [rows[i] for i in range(len(rows))]
+    assert warm.eval_items() == items and isinstance(items[0], tuple) and isinstance(warm.eval_items()[0], tuple)
+    assert loaded == []  # nothing read through datasets
+    assert [gold for _, gold in task(holdout=1).eval_items()] == ["7"] and len(loaded) == 1
+    write(tmp_path / "train.jsonl", gsm8k_records(5))
+    assert [gold for _, gold in task().eval_items()] == ["5", "6"] and len(loaded) == 2
+
+
 def test_metamath_records(tmp_path, byte_tokenizer):
     assert split_query("Compute 2+2.\nShow the steps.") == ("Compute 2+2.", "Show the steps.")
     records = [{"query": f"What is {i}+1?", "response": f"{i}+1={i + 1}. The answer is: {i + 1}", "type": "GSM_x"}
