@@ -150,8 +150,8 @@ def cached(key: dict, build: Callable[[], Examples]) -> Examples:
 def cached_json(key: dict, build: Callable[[], list]) -> list:
     """``build()``'s value (a task's evaluation prompts and answers, say), stored once as JSON in
     ``FINETUNE_CACHE/data/<hash of key>.json`` (written aside, then renamed); an unreadable file is
-    built again. A warm run then needs neither the records nor the ``datasets`` library (whose
-    import alone holds ≈ 0.1 GB for the whole run)."""
+    built again. A warm run then needs neither the records nor the ``datasets`` library (≈ 80 MiB
+    less at the peak of a GSM8K run, measured)."""
     target = cache_dir() / "data" / f"{_digest(key)}.json"
     try:
         return json.loads(target.read_text())
