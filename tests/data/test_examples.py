@@ -71,4 +71,3 @@ def test_json_values_are_cached_and_an_unreadable_file_is_built_again():
         f.write_text("{not json")
     assert cached_json({"k": 1}, build) == [["a prompt", "7"]] and len(built) == 3
     assert not list((cache_dir() / "data").glob(".*.tmp*"))  # nothing left half-written
-
