@@ -16,7 +16,7 @@ The same fine-tuning job several ways, each run in its own process, alternating:
                activations recomputed in the backward instead of kept (TRL's default, below).
     finetune-partial  the same with trainer.checkpoint_every_n_layers=--partial (4): one layer in
                that many recomputed (the first, then every n-th), the others keeping their (lean)
-               activations.
+               activations; its loss chunk is --partial-loss-chunk where given.
     trl-bfd    TRL's SFTTrainer + peft (`pip install trl`), the same tokenized examples (their labels:
                loss on the answer), `packing=True, packing_strategy="bfd"`: best-fit packing,
                padding-free (examples kept apart by position ids), as many packed rows per step
@@ -112,6 +112,8 @@ def parse_args(argv=None):
                    help="the baselines' malloc: the C library's (as their users run them) or jemalloc preloaded")
     p.add_argument("--partial", type=int, default=4, metavar="N",
                    help="finetune-partial: trainer.checkpoint_every_n_layers (1 decoder layer in N recomputed)")
+    p.add_argument("--partial-loss-chunk", type=int, default=None, metavar="N",
+                   help="finetune-partial's trainer.loss_chunk (default: --loss-chunk)")
     p.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `finetune train` override (repeatable), e.g. trainer.gradient_checkpointing=true")
     p.add_argument("--systems", nargs="+", default=[*FINETUNE, *BASELINES], choices=[*FINETUNE, *BASELINES],
@@ -265,6 +267,10 @@ def throughput(times: list[float], tokens: list[int], warmup: int) -> float | No
     return sum(tokens[warmup:len(times)]) / elapsed if elapsed > 0 else None
 
 
+def loss_chunk(args, system: str) -> int:
+    return args.partial_loss_chunk if system == "finetune-partial" and args.partial_loss_chunk else args.loss_chunk
+
+
 def run_finetune(args, spec: dict, system: str, rows: int, rep: int, work: Path, env: dict) -> dict:
     out = work / f"{system}-{rep}"
     overrides = task_overrides(spec, packing=True) + [
@@ -272,7 +278,7 @@ def run_finetune(args, spec: dict, system: str, rows: int, rep: int, work: Path,
         "task.eval_limit=1", "task.max_new_tokens=1",  # a trivial end-of-run evaluation
         f"trainer.batch_size={rows}", "trainer.grad_accum=1", f"trainer.max_steps={args.steps}",
         f"trainer.lr={args.lr}", "trainer.schedule=linear", "trainer.warmup_steps=0",
-        "trainer.weight_decay=0.0", "trainer.max_grad_norm=1.0", f"trainer.loss_chunk={args.loss_chunk}",
+        "trainer.weight_decay=0.0", "trainer.max_grad_norm=1.0", f"trainer.loss_chunk={loss_chunk(args, system)}",
         f"trainer.seed={spec['seed']}", f"trainer.device={args.device}", "trainer.merge=false", "logger=none",
         "trainer.overwrite=true", f"output_dir={out}", *(o.format(partial=args.partial) for o in FINETUNE[system][0]),
         *args.finetune_override]
@@ -353,7 +359,7 @@ def summarise(runs: list[dict], device: str) -> dict:
 def markdown(args, spec, rows, stats, summary, runs, info) -> str:
     mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     table = []
-    labels = {**{k: f"`finetune train` (packing, loss_chunk={args.loss_chunk}{suffix.format(partial=args.partial)})"
+    labels = {**{k: f"`finetune train` (packing, loss_chunk={loss_chunk(args, k)}{suffix.format(partial=args.partial)})"
                  for k, (_, suffix) in FINETUNE.items()},
               **{k: v[0] for k, v in BASELINES.items()}}
     for system, label in labels.items():
