@@ -243,8 +243,9 @@ class TrainerConfig:
     seed: int = 42
     merge: bool = True  # write RUN_DIR/merged at the end
     gradient_checkpointing: bool = False
-    # With gradient_checkpointing: recompute every n-th decoder layer only (1: all; 3: a third),
-    # the others keep their activations. Less memory per step than none, less time than all.
+    # With gradient_checkpointing: recompute every n-th decoder layer only (1: all; 3: a third;
+    # n >= the layer count: the first only), the others keep their activations. Less memory per
+    # step than none, less time than all.
     checkpoint_every_n_layers: int = 1
     # Cross-entropy over chunks of this many target tokens, so the full (tokens x vocabulary)
     # logits never exist at once (forward and backward; same loss). 0: the plain loss.
