@@ -268,7 +268,8 @@ def throughput(times: list[float], tokens: list[int], warmup: int) -> float | No
 
 
 def loss_chunk(args, system: str) -> int:
-    return args.partial_loss_chunk if system == "finetune-partial" and args.partial_loss_chunk else args.loss_chunk
+    partial = system == "finetune-partial" and args.partial_loss_chunk is not None
+    return args.partial_loss_chunk if partial else args.loss_chunk
 
 
 def run_finetune(args, spec: dict, system: str, rows: int, rep: int, work: Path, env: dict) -> dict:
