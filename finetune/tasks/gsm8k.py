@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from functools import cached_property
 
 from finetune.data.examples import cached_json, load_examples
 from finetune.data.formatting import alpaca_prompt, completion_row, prompt_ids, text_field
@@ -130,6 +131,7 @@ class Task:
         self.source_format = getattr(cfg.source, "value", cfg.source)
         self.source = data_source(cfg, *HUB[self.source_format])
         self._rows = None
+        self._records = None  # the training records, while both the rows and the held-out problems need them
         self._eval = None
 
     # -- formatting ----------------------------------------------------------------------------
@@ -154,14 +156,23 @@ class Task:
         return out
 
     # -- data ----------------------------------------------------------------------------------
+    @cached_property
+    def source_key(self):
+        """The training source's fingerprint (None for a hub dataset), taken once."""
+        return fingerprint(self.source)
+
+    def training_records(self):
+        """The training source's records, read once for the rows and the held-out problems."""
+        if self._records is None:
+            self._records = load_records(self.source, list(FIELDS[self.source_format]), self.cfg.num_proc)
+        return self._records
+
     def all_rows(self):
         """One tokenized row per training record (cached)."""
         if self._rows is None:
             settings = {"task": "gsm8k", "version": FORMAT_VERSION, "source": self.source_format}
-            self._rows = load_examples(
-                fingerprint(self.source),
-                lambda: load_records(self.source, list(FIELDS[self.source_format]), self.cfg.num_proc),
-                self.tokenizer, settings, self.to_rows, self.cfg.num_proc)
+            self._rows = load_examples(self.source_key, self.training_records, self.tokenizer, settings,
+                                       self.to_rows, self.cfg.num_proc)
         return self._rows
 
     def holding_out(self) -> bool:
@@ -174,6 +185,7 @@ class Task:
         if self.holding_out():
             rows = rows.select(holdout_split(len(rows), self.cfg.eval_holdout, self.source.where)[0])
         self.eval_items()  # held-out data problems surface before training, not after it
+        self._records = None  # not kept through training
         return finish(rows, self.cfg, self.source.where, self.cfg.packing)
 
     def eval_items(self) -> list[tuple[str, str]]:
@@ -190,7 +202,7 @@ class Task:
         else:
             src, held_out = eval_source(self.cfg, HUB_NAMES) or Source("openai/gsm8k", "main", self.cfg.eval_split,
                                                                         key="task.eval_path"), None
-        key = fingerprint(src)
+        key = self.source_key if src is self.source else fingerprint(src)
         if key is None:  # a hub dataset
             return self._eval_of(src, held_out)
         settings = {"task": "gsm8k-eval", "version": FORMAT_VERSION, "source": self.source_format, "holdout": held_out}
@@ -200,8 +212,8 @@ class Task:
     def _eval_of(self, src: Source, held_out: int | None) -> list[tuple[str, str]]:
         """Held out (``held_out`` records at the end of the training data) or a whole evaluation
         source, whose format (gsm8k or metamath) its fields tell."""
-        if held_out is not None:
-            records = load_records(src, list(FIELDS[self.source_format]), self.cfg.num_proc)
+        if held_out is not None:  # src is the training source
+            records = self.training_records()
             held = holdout_split(len(records), held_out, src.where)[1]
             return self._items(records.select(held), self.source_format, src.where)
         records = load_records(src, num_proc=self.cfg.num_proc)

@@ -85,9 +85,9 @@ def test_prompt_layout_and_answer_only_loss(tmp_path, byte_tokenizer):
                    byte_tokenizer).train_examples()
 
 
-def test_a_warm_run_needs_neither_the_records_nor_datasets(tmp_path, byte_tokenizer, monkeypatch):
-    """Training rows and held-out problems both come from the cache once built; a changed file or
-    another held-out count builds them again."""
+def test_a_cold_run_reads_the_records_once_and_a_warm_run_not_at_all(tmp_path, byte_tokenizer, monkeypatch):
+    """Training rows and held-out problems are built from one reading of the records, then both
+    come from the cache; a changed file or another held-out count builds them again."""
     import finetune.tasks.gsm8k as gsm8k
 
     path = write(tmp_path / "train.jsonl", gsm8k_records(6))
@@ -96,12 +96,14 @@ def test_a_warm_run_needs_neither_the_records_nor_datasets(tmp_path, byte_tokeni
         return build_task(tiny_config("task=gsm8k", f"task.data.path={path}", f"task.eval_holdout={holdout}").task,
                           byte_tokenizer)
 
-    cold = task()
-    rows, items = cold.train_examples(), cold.eval_items()
-    assert [gold for _, gold in items] == ["6", "7"]
     loaded = []
     real = gsm8k.load_records
     monkeypatch.setattr(gsm8k, "load_records", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    cold = task()
+    rows, items = cold.train_examples(), cold.eval_items()
+    assert [gold for _, gold in items] == ["6", "7"]
+    assert len(loaded) == 1  # one reading for both
+    loaded.clear()
     warm = task()
     assert [warm.train_examples()[i] for i in range(len(rows))] == [rows[i] for i in range(len(rows))]
     assert warm.eval_items() == items and isinstance(items[0], tuple) and isinstance(warm.eval_items()[0], tuple)
