@@ -11,13 +11,16 @@ What one trained token costs (:class:`Cost`), counted from the modules, forward 
   as each layer's ``step_flops`` says (MoRA type 6 over a frozen dense base without dropout: once,
   its forward and input gradient being the base's GEMMs with W + ΔW);
 - attention: ``4·T·d_attn`` per token and layer forward (``QKᵀ`` and ``A·V`` over a context of T
-  tokens, counted whole as is the convention), three times that with the backward;
+  tokens, counted whole as is the convention), three times that with the backward; T is the
+  example's length (a packed row's examples attend within themselves only, so each is its own
+  context, finetune.models.attention), else the row's;
 - the output projection (``lm_head``) as a frozen or trained linear layer; embeddings: none.
 
-Padding is not counted: tokens are the batch's real tokens, and T the real length of each row. The
-peak (:func:`peak_flops`) is a measured fp32 matrix-multiply peak on the CPU (this process's
-threads, cached per machine), and the datasheet dense bf16/fp16 tensor-core peak on the GPUs in
-:data:`GPU_PEAKS` (else measured there too).
+Padding is not counted: tokens are the batch's real tokens. The peak (:func:`peak_flops`) is a
+measured fp32 matrix-multiply peak on the CPU (the best rate over a few square sizes, as the
+fastest size depends on the caches, with this process's threads, cached per machine), and the
+datasheet dense bf16/fp16 tensor-core peak on the GPUs in :data:`GPU_PEAKS` (else measured there
+too).
 """
 
 from __future__ import annotations
@@ -69,12 +72,31 @@ class Cost:
         return self.linear + self.attention * context
 
     def step(self, micro_batches: list[dict]) -> float:
-        """FLOPs of this process's micro-batches: every real token at its row's real length."""
+        """FLOPs of this process's micro-batches: every real token at its example's real length."""
         total = 0.0
         for batch in micro_batches:
-            lengths = batch["attention_mask"].sum(dim=1).double()
-            total += self.linear * float(lengths.sum()) + self.attention * float((lengths * lengths).sum())
+            contexts = context_lengths(batch)
+            total += self.linear * float(contexts.sum()) + self.attention * float((contexts * contexts).sum())
         return total
+
+
+def context_lengths(batch: dict) -> torch.Tensor:
+    """The lengths of the batch's attention contexts: one per row of real tokens, or in packed rows
+    (``position_ids``) one per example, each starting where the position does not follow its
+    predecessor. Padding (``attention_mask`` 0) belongs to none."""
+    real = batch["attention_mask"].detach().bool().cpu()
+    positions = batch.get("position_ids")
+    if positions is None:
+        return real.sum(dim=1).double()
+    positions = positions.detach().cpu()
+    starts = torch.ones_like(real)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    context = starts.flatten().cumsum(0).view_as(real)  # a number per (row, example), rising along the batch
+    counts = torch.bincount(context[real])
+    return counts[counts > 0].double()
+
+
+CPU_SIZES = (256, 512, 1024, 2048)  # square products the CPU peak is the best of
 
 
 def _measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
@@ -104,15 +126,17 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tupl
                 return value, f"datasheet dense bf16 peak of the {name}"
         return _measure_matmul(device, dtype, n=4096), f"measured {str(dtype).split('.')[1]} matmul peak of the {name}"
     threads = torch.get_num_threads()
-    key = f"cpu|{cpu_model()}|{threads}|{torch.__version__}|{dtype}"
+    sizes = "/".join(map(str, CPU_SIZES))
+    key = f"cpu|{cpu_model()}|{threads}|{torch.__version__}|{dtype}|n={sizes}"
     path = cache_dir() / "peak_flops.json"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        known[key] = _measure_matmul(device, dtype)
+        known[key] = max(_measure_matmul(device, dtype, n=n, seconds=0.25) for n in CPU_SIZES)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(known, indent=1))
-    return known[key], f"measured fp32 matmul peak, {threads} threads (cached in {path})"
+    return known[key], (f"measured fp32 matmul peak (the best n×n product, n = {sizes}), {threads} threads "
+                        f"(cached in {path})")
 

@@ -9,7 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from finetune import adapters
 from finetune.config.compose import method_settings
 from finetune.models.load import load_model
-from finetune.training.flops import Cost, peak_flops
+from finetune.models.attention import segments
+from finetune.training import flops
+from finetune.training.flops import Cost, context_lengths, peak_flops
 
 from conftest import tiny_config
 
@@ -101,6 +103,33 @@ def test_attention_scales_with_each_rows_real_length():
     assert got == cost.linear * 26 + cost.attention * (10 * 10 + 16 * 16)
     layers, width = 2, 128  # model=tiny: 2 layers, 4 heads x 32
     assert cost.attention == 3 * 4 * layers * width
+
+
+def test_packed_rows_count_attention_within_each_example():
+    """A packed row's examples attend within themselves (finetune.models.attention cuts the row at
+    the same places), so each is its own context; the padding after a row is in none."""
+    model, adapter = attached("method=lora")
+    cost = Cost(model, adapter)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 3, 4, 5, 6, 0, 1, 0, 1, 2]])
+    mask = torch.tensor([[1] * 10 + [0] * 2, [1] * 12])  # row 0: examples of 4 and 6, then 2 of padding
+    batch = {"attention_mask": mask, "position_ids": positions}
+    assert context_lengths(batch).tolist() == [4, 6, 7, 2, 3]
+    cut = segments(positions)  # the attention's own cut, padding as one more segment of row 0
+    assert cut == [[4, 6, 2], [7, 2, 3]]
+    real = [4 * 4 + 6 * 6, 7 * 7 + 2 * 2 + 3 * 3]
+    assert cost.step([batch]) == cost.linear * 22 + cost.attention * sum(real)
+    assert cost.step([{"attention_mask": mask}]) == cost.linear * 22 + cost.attention * (10 * 10 + 12 * 12)
+
+
+def test_the_cpu_peak_is_the_best_of_several_sizes(tmp_path, monkeypatch):
+    """Which square product runs fastest depends on the caches (on a 2-vCPU AMD EPYC 512² ran at ≈ 197
+    GFLOP/s and 1024² at 125–168), so the peak is the best of them."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
+    rates = {256: 5e10, 512: 9e10, 1024: 7e10, 2048: 6e10}
+    tried = []
+    monkeypatch.setattr(flops, "_measure_matmul", lambda device, dtype, n, seconds: tried.append(n) or rates[n])
+    assert peak_flops(torch.device("cpu"))[0] == 9e10
+    assert tried == list(flops.CPU_SIZES) == sorted(rates)
 
 
 def test_the_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
