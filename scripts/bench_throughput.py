@@ -293,7 +293,8 @@ def run_finetune(args, spec: dict, system: str, rows: int, rep: int, work: Path,
     tokens = [b - a for a, b in zip([0] + cumulative[:-1], cumulative)]
     times = [r["time"] for r in steps]
     params = info.get("params") or {}
-    return {"system": system, "rep": rep, "tokens_per_s": throughput(times, tokens, args.warmup_steps),
+    mfu = info.get("mfu") or {}
+    return {"system": system, "mfu": mfu.get("mfu"), "peak_flops_per_s": mfu.get("peak_flops_per_s"), "rep": rep, "tokens_per_s": throughput(times, tokens, args.warmup_steps),
             "tokens_per_step": sum(tokens) / max(len(tokens), 1), "padding_pct": None,
             "peak_rss_mb": res["peak_rss_mb"],
             "cuda_peak_mb": info.get("peak_memory_mb") if args.device == "cuda" else None,
@@ -357,6 +358,16 @@ def summarise(runs: list[dict], device: str) -> dict:
     return out
 
 
+def mfu_line(runs: list[dict]) -> list[str]:
+    """What finetune's MFU column is measured against (its run.json: training steps only, the
+    model's own FLOPs per token over the device's peak; the baselines have none)."""
+    peaks = sorted({r["peak_flops_per_s"] for r in runs if r.get("peak_flops_per_s")})
+    if not peaks:
+        return []
+    return [f"MFU: finetune's run.json over its training steps, against a peak of "
+            f"{' / '.join(f'{p / 1e9:,.0f}' for p in peaks)} GFLOP/s (finetune.training.flops).", ""]
+
+
 def markdown(args, spec, rows, stats, summary, runs, info) -> str:
     mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     table = []
@@ -390,10 +401,12 @@ def markdown(args, spec, rows, stats, summary, runs, info) -> str:
              md_table(["system", "non-padding tokens/s", mem, "tokens/step", "padding %", "last loss",
                        "trainable params"], table), "",
              "Per run:", "",
-             md_table(["rep", "system", "tokens/s", "peak RSS MiB", "CUDA peak MiB", "process wall s", "allocator"],
+             md_table(["rep", "system", "tokens/s", "MFU", "peak RSS MiB", "CUDA peak MiB", "process wall s", "allocator"],
                       [[r["rep"], r["system"], f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-",
+                        f"{r['mfu']:.0%}" if r.get("mfu") else "-",
                         f"{r['peak_rss_mb']:,.0f}", f"{r['cuda_peak_mb']:,.0f}" if r["cuda_peak_mb"] else "-",
                         f"{r['process_wall_s']:.0f}", r["allocator"]] for r in runs]), "",
+             *mfu_line(runs),
              "Command: `python scripts/bench_throughput.py " + " ".join(sys.argv[1:]) + "`"]
     return "\n".join(lines)
 

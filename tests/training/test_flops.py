@@ -8,8 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from finetune import adapters
 from finetune.config.compose import method_settings
-from finetune.models.load import load_model
 from finetune.models.attention import segments
+from finetune.models.load import load_model
 from finetune.training import flops
 from finetune.training.flops import Cost, context_lengths, peak_flops
 
