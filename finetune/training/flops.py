@@ -14,7 +14,9 @@ What one trained token costs (:class:`Cost`), counted from the modules, forward 
   tokens, counted whole as is the convention), three times that with the backward; T is the
   example's length (a packed row's examples attend within themselves only, so each is its own
   context, finetune.models.attention), else the row's;
-- the output projection (``lm_head``) as a frozen or trained linear layer; embeddings: none.
+- the output projection (``lm_head``) as a frozen or trained linear layer, on the tokens with a
+  target only: the loss needs no other logits (finetune's chunked loss computes no others; the
+  plain path's extra logits are not credited); embeddings: none.
 
 Padding is not counted: tokens are the batch's real tokens. The peak (:func:`peak_flops`) is a
 measured fp32 matrix-multiply peak on the CPU (the best rate over a few square sizes, as the
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from finetune.adapters.base import AdapterLayer, layer_shape
+from finetune.data.examples import IGNORE
 from finetune.environment import cache_dir, cpu_model
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s; matched on the
@@ -46,12 +49,15 @@ class Cost:
 
     def __init__(self, model: nn.Module, adapter=None):
         trained = {id(p) for p in model.parameters() if p.requires_grad}
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.forward = 0  # per token, attention excluded: forward only, and forward + backward
         self.linear = 0
+        self.head = 0  # the output projection's part of ``linear``: spent on target tokens only
         inside: list[str] = []
         for name, module in model.named_modules():
             if any(name.startswith(prefix + ".") for prefix in inside):
                 continue
+            is_head = output is not None and module is output
             branch = branch_step = 0
             if isinstance(module, AdapterLayer):
                 inside.append(name)
@@ -60,23 +66,27 @@ class Cost:
             elif not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
                 continue
             k, d, _ = layer_shape(module)
+            step = (6 if id(module.weight) in trained else 4) * k * d + branch_step
             self.forward += 2 * k * d + branch
-            self.linear += (6 if id(module.weight) in trained else 4) * k * d + branch_step
+            self.linear += step
+            self.head += step if is_head else 0
         config = getattr(model, "config", None)
         layers = getattr(config, "num_hidden_layers", 0) or 0
         heads = getattr(config, "num_attention_heads", 0) or 0
         head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // max(heads, 1))
         self.attention = 3 * 4 * layers * heads * head_dim  # per token and token of context, with the backward
 
-    def per_token(self, context: float) -> float:
-        return self.linear + self.attention * context
-
     def step(self, micro_batches: list[dict]) -> float:
-        """FLOPs of this process's micro-batches: every real token at its example's real length."""
+        """FLOPs of this process's micro-batches: every real token at its example's real length,
+        the output projection on the tokens with a target."""
         total = 0.0
         for batch in micro_batches:
             contexts = context_lengths(batch)
-            total += self.linear * float(contexts.sum()) + self.attention * float((contexts * contexts).sum())
+            tokens = float(contexts.sum())
+            labels = batch.get("labels")
+            targets = tokens if labels is None else float((labels[:, 1:] != IGNORE).sum())
+            total += ((self.linear - self.head) * tokens + self.head * targets
+                      + self.attention * float((contexts * contexts).sum()))
         return total
 
 

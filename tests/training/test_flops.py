@@ -8,8 +8,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from finetune import adapters
 from finetune.config.compose import method_settings
+from finetune.data.examples import IGNORE
 from finetune.models.attention import segments
 from finetune.models.load import load_model
+from finetune.models.loss import causal_lm_loss_sum
 from finetune.training import flops
 from finetune.training.flops import Cost, context_lengths, peak_flops
 
@@ -103,6 +105,26 @@ def test_attention_scales_with_each_rows_real_length():
     assert got == cost.linear * 26 + cost.attention * (10 * 10 + 16 * 16)
     layers, width = 2, 128  # model=tiny: 2 layers, 4 heads x 32
     assert cost.attention == 3 * 4 * layers * width
+
+
+def test_the_output_projection_counts_the_tokens_with_a_target_only():
+    """The loss needs logits where there is a target; the chunked loss projects only those, and
+    torch's counter sees the same FLOPs (every weight trained, so no adapter kernel it cannot see)."""
+    model, adapter = attached("method=full")
+    cost = Cost(model, adapter)
+    head = model.get_output_embeddings()
+    assert cost.head == 6 * head.in_features * head.out_features
+    x = torch.randint(0, 256, TOKENS)
+    labels = x.clone()
+    labels[:, :25] = IGNORE  # a prompt without a loss
+    batch = {"input_ids": x, "labels": labels, "attention_mask": torch.ones_like(x)}
+    targets = int((labels[:, 1:] != IGNORE).sum())  # 2 x 15
+    expected = (cost.linear - cost.head) * x.numel() + cost.head * targets
+    assert cost.step([batch]) == expected + cost.attention * 2 * 40 * 40
+    causal_lm_loss_sum(model, batch, chunk=8)  # the first call checks the head once
+    # the model's own forward still projects its last position (logits_to_keep=1), unused
+    last = 2 * head.in_features * head.out_features * x.shape[0]
+    assert counted(lambda: causal_lm_loss_sum(model, batch, chunk=8).backward()) == expected + last
 
 
 def test_packed_rows_count_attention_within_each_example():
