@@ -294,7 +294,8 @@ def run_finetune(args, spec: dict, system: str, rows: int, rep: int, work: Path,
     times = [r["time"] for r in steps]
     params = info.get("params") or {}
     mfu = info.get("mfu") or {}
-    return {"system": system, "mfu": mfu.get("mfu"), "peak_flops_per_s": mfu.get("peak_flops_per_s"), "rep": rep, "tokens_per_s": throughput(times, tokens, args.warmup_steps),
+    return {"system": system, "rep": rep, "tokens_per_s": throughput(times, tokens, args.warmup_steps),
+            "mfu": mfu.get("mfu"), "peak_flops_per_s": mfu.get("peak_flops_per_s"),
             "tokens_per_step": sum(tokens) / max(len(tokens), 1), "padding_pct": None,
             "peak_rss_mb": res["peak_rss_mb"],
             "cuda_peak_mb": info.get("peak_memory_mb") if args.device == "cuda" else None,

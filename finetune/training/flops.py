@@ -11,9 +11,9 @@ What one trained token costs (:class:`Cost`), counted from the modules, forward 
   as each layer's ``step_flops`` says (MoRA type 6 over a frozen dense base without dropout: once,
   its forward and input gradient being the base's GEMMs with W + ΔW);
 - attention: ``4·T·d_attn`` per token and layer forward (``QKᵀ`` and ``A·V`` over a context of T
-  tokens, counted whole as is the convention), three times that with the backward; T is the
-  example's length (a packed row's examples attend within themselves only, so each is its own
-  context, finetune.models.attention), else the row's;
+  tokens, counted whole as is the convention: no halving for the causal mask), three times that
+  with the backward; T is the example's length (a packed row's examples attend within themselves
+  only, so each is its own context, finetune.models.attention), else the row's;
 - the output projection (``lm_head``) as a frozen or trained linear layer, on the tokens with a
   target only: the loss needs no other logits (finetune's chunked loss computes no others; the
   plain path's extra logits are not credited); embeddings: none.

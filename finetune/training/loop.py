@@ -392,12 +392,22 @@ def finish(s: Session) -> dict:
         if t.merge:
             s.phase = "merging"
             s.run.update(metric=s.task.metric, metrics=metrics)  # kept should the merge be interrupted
+            release_training_state(s)
             out = merge_run(s.run.path, quiet=s.quiet)
             summary["merged"] = str(out)
             s.say(f"merged model:  {out}")
     # No barrier after the merge: the other ranks are done, and waiting for a long merge of a big
     # model would run into the collectives' timeout.
     return summary
+
+
+def release_training_state(s: Session) -> None:
+    """Let go of the trained model, its optimizer and whatever holds them (Accelerate, the
+    checkpointer), so that the merge, which reads the saved weights back from the run directory,
+    does not hold a second model next to the first."""
+    s.model = s.adapter = s.optimizer = s.scheduler = s.saver = None
+    s.full = {}
+    s.accelerator.free_memory()  # its references to the prepared model and optimizer; collects
 
 
 def _mfu_summary(s: Session) -> dict | None:

@@ -100,3 +100,31 @@ def test_full_fine_tuning_trains_everything(tmp_path):
     trained = load_file(tmp_path / "run" / "adapter.safetensors")
     changed = [k for k in base if not torch.equal(base[k], trained[k])]
     assert len(changed) == len(base)
+
+
+def test_the_merge_runs_without_the_trained_model_in_memory(tmp_path, monkeypatch):
+    """The merge reads the saved weights back, so the model that was trained (and its optimizer)
+    is let go first: a process that merges at the end needs one model's memory, not two."""
+    import gc
+    import weakref
+
+    from finetune.training import loop
+
+    models, seen = [], {}
+    load_model, merge_run = loop.load_model, loop.merge_run
+
+    def load_and_watch(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    def merge_and_check(run_dir, **kwargs):
+        gc.collect()
+        seen["alive"] = [ref() is not None for ref in models]
+        return merge_run(run_dir, **kwargs)
+
+    monkeypatch.setattr(loop, "load_model", load_and_watch)
+    monkeypatch.setattr(loop, "merge_run", merge_and_check)
+    result = run_tiny(tmp_path, "trainer.max_steps=2", "trainer.merge=true")
+    assert seen["alive"] == [False]  # one model loaded for training, gone before the merge
+    assert (tmp_path / "run" / "merged" / "model.safetensors").exists() and result["merged"]
