@@ -29,7 +29,7 @@ JOBS = {"memorize": [],
         "gsm8k": ["task=gsm8k", f"task.data.path={GSM8K}", "task.max_length=512", "task.packing=true",
                   "task.on_overflow=truncate", "method=lora", "method.rank=8", "method.alpha=16", "method.dropout=0.0",
                   "trainer.batch_size=3", "trainer.grad_accum=1", "trainer.lr=2e-4", "trainer.schedule=linear",
-                  "trainer.warmup_steps=0", "trainer.weight_decay=0.0", "trainer.loss_chunk=1024"]}
+                  "trainer.warmup_steps=0", "trainer.weight_decay=0.0", "trainer.loss_chunk=256"]}
 
 # Ranges whose operators all count as one kind, by the range's name (an ancestor of the operator):
 # the optimizer's step, the chunked loss (its forward computes the head's gradients too), attention.
@@ -84,6 +84,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="optimizer steps profiled")
     p.add_argument("overrides", nargs="*", help="extra config overrides (after --)")
     args = p.parse_args()
+    from finetune.allocator import restart_with_jemalloc
+    from finetune.environment import allocator_in_use
+
+    restart_with_jemalloc()  # the malloc `finetune train` has (glibc's page faults once took 30 % here)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -140,7 +144,8 @@ def main() -> None:
     tps = [r["tokens_per_s"] for r in steps]
     # the same job without the profiler: the warm-up steps after the first, and the step after the window
     plain = [r["tokens_per_s"] for r in every[1:args.warmup] + every[args.warmup + args.steps:]]
-    result = {"job": args.job, "overrides": overrides, "hardware": info, "profiled_steps": args.steps,
+    result = {"job": args.job, "overrides": overrides, "hardware": info, "allocator": allocator_in_use(),
+              "profiled_steps": args.steps,
               "operator_seconds": ops_total, "wall_seconds": window["seconds"], "kinds_s": kinds,
               "mfu_mean": sum(mfu) / len(mfu) if mfu else None,
               "tokens_per_s_mean": sum(tps) / len(tps) if tps else None,
@@ -150,7 +155,7 @@ def main() -> None:
     wall = window["seconds"]
     rows = [[kind, f"{s:.2f}", f"{100 * s / wall:.1f}%"] for kind, s in sorted(kinds.items(), key=lambda kv: -kv[1])]
     top_rows = [[f"`{k}`", kind, f"{s:.2f}", f"{100 * s / wall:.1f}%", f"{c:,}"] for s, k, kind, c in top[:15]]
-    md = (md_heading(f"Where the time goes: {args.job} ({args.device})", info)
+    md = (md_heading(f"Where the time goes: {args.job} ({args.device})", info, f"Allocator: {result['allocator']}")
           + f"{args.steps} optimizer steps after {args.warmup} warm-up steps; mean MFU of those steps "
           f"{100 * (result['mfu_mean'] or 0):.0f}%, {result['tokens_per_s_mean'] or 0:,.0f} tokens/s under the "
           f"profiler ({result['tokens_per_s_unprofiled'] or 0:,.0f} tokens/s in the steps around them, without it). "
