@@ -1,7 +1,9 @@
 """The training loop: the loss goes down, the run directory is complete, gradient accumulation is
 invariant to how a window is split, only adapter weights train."""
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from safetensors.torch import load_file
 from finetune import adapters
 from finetune.data.batching import collate
 from finetune.errors import UserError
+from finetune.training import loop
 from finetune.training.loop import accumulate_gradients, train
 
 from conftest import OneProcess, tiny_config
@@ -105,11 +108,6 @@ def test_full_fine_tuning_trains_everything(tmp_path):
 def test_the_merge_runs_without_the_trained_model_in_memory(tmp_path, monkeypatch):
     """The merge reads the saved weights back, so the model that was trained (and its optimizer)
     is let go first: a process that merges at the end needs one model's memory, not two."""
-    import gc
-    import weakref
-
-    from finetune.training import loop
-
     models, seen = [], {}
     load_model, merge_run = loop.load_model, loop.merge_run
 
