@@ -30,12 +30,19 @@ PACKED = "finetune_packed_sdpa"
 CHANGE_THE_MATH = ("softcap", "s_aux", "position_bias", "head_mask")
 
 
-def segments(position_ids: torch.Tensor) -> list[list[int]] | None:
-    """Per row, the lengths of its examples (a new one starts wherever the position id does not
-    follow its predecessor); None when no row holds more than one."""
+def example_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """True where a packed row's example begins: the row's first position, and wherever the
+    position id does not follow its predecessor."""
     pos = position_ids.detach()
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return starts
+
+
+def segments(position_ids: torch.Tensor) -> list[list[int]] | None:
+    """Per row, the lengths of its examples (:func:`example_starts`); None when no row holds more
+    than one."""
+    starts = example_starts(position_ids)
     if not bool(starts[:, 1:].any()):
         return None
     lengths = []

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from finetune.adapters.base import AdapterLayer, layer_shape
-from finetune.data.examples import IGNORE
+from finetune.data.batching import count_loss_tokens
 from finetune.environment import cache_dir, cpu_model
+from finetune.models.attention import example_starts
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s; matched on the
 # device name, first match wins (so the more specific names come first).
@@ -83,8 +84,7 @@ class Cost:
         for batch in micro_batches:
             contexts = context_lengths(batch)
             tokens = float(contexts.sum())
-            labels = batch.get("labels")
-            targets = tokens if labels is None else float((labels[:, 1:] != IGNORE).sum())
+            targets = tokens if batch.get("labels") is None else count_loss_tokens(batch)
             total += ((self.linear - self.head) * tokens + self.head * targets
                       + self.attention * float((contexts * contexts).sum()))
         return total
@@ -92,15 +92,12 @@ class Cost:
 
 def context_lengths(batch: dict) -> torch.Tensor:
     """The lengths of the batch's attention contexts: one per row of real tokens, or in packed rows
-    (``position_ids``) one per example, each starting where the position does not follow its
-    predecessor. Padding (``attention_mask`` 0) belongs to none."""
+    (``position_ids``) one per example. Padding (``attention_mask`` 0) belongs to none."""
     real = batch["attention_mask"].detach().bool().cpu()
     positions = batch.get("position_ids")
     if positions is None:
         return real.sum(dim=1).double()
-    positions = positions.detach().cpu()
-    starts = torch.ones_like(real)
-    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    starts = example_starts(positions.cpu())  # where the attention cuts the rows
     context = starts.flatten().cumsum(0).view_as(real)  # a number per (row, example), rising along the batch
     counts = torch.bincount(context[real])
     return counts[counts > 0].double()
