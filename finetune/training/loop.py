@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 import signal
@@ -407,7 +408,8 @@ def release_training_state(s: Session) -> None:
     does not hold a second model next to the first."""
     s.model = s.adapter = s.optimizer = s.scheduler = s.saver = None
     s.full = {}
-    s.accelerator.free_memory()  # its references to the prepared model and optimizer; collects
+    s.accelerator.free_memory()  # its references to the prepared model and optimizer
+    gc.collect()  # free_memory collects before it drops them; VB-LoRA's layers and hooks refer back to the model
 
 
 def _mfu_summary(s: Session) -> dict | None:
