@@ -9,7 +9,7 @@ process, this times one training step — forward, backward, optimizer step — 
                  weight gradients, no optimizer): the denominator of every ratio
     lora         finetune's LoRA, r=8, alpha=16, on all 7 projections
     mora         finetune's MoRA, r=8 (type auto -> 6), on all 7 projections
-    vblora       finetune's VB-LoRA with its defaults (r=4, 256 vectors of length 64, top-2)
+    vblora       finetune's VB-LoRA, r=4 (the paper's rank), 256 vectors of length 64, top-2
     peft-lora    peft's LoRA with the same settings as ``lora`` (if peft is installed)
     peft-vblora  peft's VB-LoRA with the same settings as ``vblora`` (if peft is installed)
 
@@ -90,7 +90,7 @@ def method_settings(method: str) -> dict:
 
     overrides = {"lora": ["method.rank=8", "method.alpha=16", "method.dropout=0.0"],
                  "mora": ["method.rank=8", "method.dropout=0.0"],
-                 "vblora": ["method.dropout=0.0"]}[method]
+                 "vblora": ["method.rank=4", "method.dropout=0.0"]}[method]
     cfg = compose([f"method={method}", "task=memorize", *overrides])
     settings = settings_of(cfg)
     settings["targets"] = list(TARGETS)

@@ -471,7 +471,7 @@ def check_divisible(shapes: dict[str, tuple[int, int]], vector_length: int) -> N
                             f"{', '.join(map(str, _divisors(common)))}")
 
 
-def attach(model: nn.Module, rank: int = 4, num_vectors: int = 256, vector_length: int = 64, topk: int = 2,
+def attach(model: nn.Module, rank: int = 8, num_vectors: int = 256, vector_length: int = 64, topk: int = 2,
            dropout: float = 0.0, init_logits_std: float = 0.01, init_bank_bound: float = 0.02,
            lr_bank: float | None = None, lr_logits: float | None = None, save_only_topk: bool = False,
            targets=tuple(ALL_LINEAR)) -> VBLoraAdapter:

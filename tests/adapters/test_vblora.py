@@ -36,6 +36,7 @@ B_LEN = 32  # divides 64, 128 and 384
 
 def vb(model, **kw):
     kw.setdefault("vector_length", B_LEN)
+    kw.setdefault("rank", 4)  # the paper's rank; the shapes below are written for it
     return attach(model, **kw)
 
 
@@ -507,7 +508,7 @@ def test_attach_from_config_group(tiny_model):
 
     cfg = compose(["model=tiny", "method=vblora", "task=memorize", "method.vector_length=32"])
     settings = method_settings(cfg)
-    assert settings["init_logits_std"] == 0.01 and settings["topk"] == 2 and settings["rank"] == 4
+    assert settings["init_logits_std"] == 0.01 and settings["topk"] == 2 and settings["rank"] == 8
     adapter = attach_method(tiny_model, "vblora", settings)
     assert len(adapter.layers) == 14 and adapter.settings == settings
 

@@ -170,6 +170,7 @@ def test_lora_merge_and_unload_parity(tiny_model, tmp_path):
 def vblora_adapter(model, **kw):
     kw.setdefault("vector_length", B_LEN)
     kw.setdefault("num_vectors", 90)
+    kw.setdefault("rank", 4)  # the paper's rank; the shapes below are written for it
     kw.setdefault("init_logits_std", 1.0)  # well-separated top-k choices
     return vblora.attach(model, **kw)
 
