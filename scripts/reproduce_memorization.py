@@ -24,10 +24,11 @@ each flag) and why:
     warm-up 10 % then linear decay  the paper's 100 of 1,000 steps, linear to 0
     lr 2e-3 for LoRA and MoRA       one learning rate for both, as in the paper (3e-4 there, for
                                      1,000 steps of batch 1024 on a 7B model; a 135M model and
-                                     6x fewer steps need a larger one): the memorize task's own
-                                     default (conf/task/memorize.yaml)
+                                     6x fewer steps need a larger one)
     lr 1e-4 for full fine-tuning    the paper does not give one; a common small-model value
-    VB-LoRA: its own two lrs        bank 1e-3, logits 1e-2 (the VB-LoRA paper; method config)
+    VB-LoRA: the method config      its rank and its two lrs, relative to --lr (conf/method/vblora.yaml);
+                                     the paper's rank and lrs: --methods vblora:4 --lr-bank 1e-3
+                                     --lr-logits 1e-2
     alpha 16 at r=8, dropout 0.05   the MoRA scripts' defaults (§1.3); MoRA type auto -> 6 at r=8
     AdamW, weight decay 0, seed 42, all seven projections, eval every 25 steps on all pairs
 
@@ -86,8 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="LR warm-up as a fraction of --steps")
     p.add_argument("--lr", type=float, default=2e-3, help="LoRA and MoRA learning rate")
     p.add_argument("--lr-full", type=float, default=1e-4, help="full fine-tuning learning rate")
-    p.add_argument("--lr-bank", type=float, default=None, help="VB-LoRA bank lr (default: method config, 1e-3)")
-    p.add_argument("--lr-logits", type=float, default=None, help="VB-LoRA logits lr (default: 1e-2)")
+    p.add_argument("--lr-bank", type=float, default=None, help="VB-LoRA bank lr (default: the method config's, relative to --lr; the paper: 1e-3)")
+    p.add_argument("--lr-logits", type=float, default=None, help="VB-LoRA logits lr (default: the method config's, relative to --lr; the paper: 1e-2)")
     p.add_argument("--alpha-ratio", type=float, default=2.0, help="LoRA alpha = ratio x rank (16 at r=8)")
     p.add_argument("--dropout", type=float, default=0.05, help="adapter dropout (MoRA scripts' default)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="a value is at most 36 tokens")

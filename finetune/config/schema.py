@@ -99,7 +99,7 @@ class VBLoraConfig:
     """VB-LoRA: every A and B composed from one model-wide vector bank by top-k admixture."""
 
     name: str = "vblora"
-    rank: int = 8  # the paper's is 4 (docs/benchmarks.md, "Every method on its defaults")
+    rank: int = 8  # the paper's is 4 (docs/benchmarks.md, "VB-LoRA's defaults, over seeds")
     num_vectors: int = 256  # h: vectors in the bank
     vector_length: int = 64  # b: must divide every adapted layer's in and out features
     topk: int = 2

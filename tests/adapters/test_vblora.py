@@ -353,6 +353,15 @@ def test_optimizer_groups(tiny_model):
     torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups])
 
 
+def test_unset_rates_follow_the_trainer_rate(tiny_model):
+    """Unset, the bank trains at 7.5 and the logits at 100 times trainer.lr, so a sweep of trainer.lr
+    moves them too (docs/methods.md)."""
+    adapter = vb(tiny_model)
+    for lr in (1e-4, 4e-3):
+        rates = {g["name"]: g["lr"] for g in adapter.param_groups(lr=lr, weight_decay=0.1)}
+        assert rates == {"vblora_bank": pytest.approx(7.5 * lr), "vblora_logits": pytest.approx(100 * lr)}
+
+
 def test_index_dtype_by_h():
     assert index_dtype(90) == torch.uint8 and index_dtype(255) == torch.uint8
     assert index_dtype(256) == torch.int16 and index_dtype(2048) == torch.int16
