@@ -106,7 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--loss-chunk", type=int, default=256, help="finetune's trainer.loss_chunk (its default)")
+    p.add_argument("--loss-chunk", type=int, default=128, help="finetune's trainer.loss_chunk (its default)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: torch's)")
     p.add_argument("--baseline-allocator", choices=("system", "jemalloc"), default="system",
                    help="the baselines' malloc: the C library's (as their users run them) or jemalloc preloaded")

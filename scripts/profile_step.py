@@ -29,7 +29,7 @@ JOBS = {"memorize": [],
         "gsm8k": ["task=gsm8k", f"task.data.path={GSM8K}", "task.max_length=512", "task.packing=true",
                   "task.on_overflow=truncate", "method=lora", "method.rank=8", "method.alpha=16", "method.dropout=0.0",
                   "trainer.batch_size=3", "trainer.grad_accum=1", "trainer.lr=2e-4", "trainer.schedule=linear",
-                  "trainer.warmup_steps=0", "trainer.weight_decay=0.0", "trainer.loss_chunk=256"]}
+                  "trainer.warmup_steps=0", "trainer.weight_decay=0.0"]}
 
 # Ranges whose operators all count as one kind, by the range's name (an ancestor of the operator):
 # the optimizer's step, the chunked loss (its forward computes the head's gradients too), attention.

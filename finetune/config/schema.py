@@ -249,7 +249,7 @@ class TrainerConfig:
     checkpoint_every_n_layers: int = 1
     # Cross-entropy over chunks of this many target tokens, so the full (tokens x vocabulary)
     # logits never exist at once (forward and backward; same loss). 0: the plain loss.
-    loss_chunk: int = 256
+    loss_chunk: int = 128
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
     overwrite: bool = False  # replace an existing finished run in output_dir

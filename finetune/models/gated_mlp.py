@@ -33,7 +33,7 @@ class _SiluProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
         ctx.save_for_backward(g, u)
-        return F.silu(g) * u
+        return F.silu(g).mul_(u)  # in place: one intermediate-sized tensor in flight, not two
 
     @staticmethod
     @once_differentiable
@@ -41,7 +41,7 @@ class _SiluProduct(torch.autograd.Function):
         g, u = ctx.saved_tensors
         need_g, need_u = ctx.needs_input_grad
         grad_g = torch.ops.aten.silu_backward(grad * u, g) if need_g else None
-        grad_u = grad * F.silu(g) if need_u else None
+        grad_u = F.silu(g).mul_(grad) if need_u else None
         return grad_g, grad_u
 
 
@@ -57,7 +57,7 @@ class _Recipe:
 
     def value(self) -> torch.Tensor:
         with torch.no_grad():
-            return F.silu(self.g) * self.u
+            return F.silu(self.g).mul_(self.u)
 
     unpack = staticmethod(unpack)
 

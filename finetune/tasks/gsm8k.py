@@ -130,7 +130,6 @@ class Task:
         self.tokenizer = tokenizer
         self.source_format = getattr(cfg.source, "value", cfg.source)
         self.source = data_source(cfg, *HUB[self.source_format])
-        self._rows = None
         self._records = None  # the training records, while both the rows and the held-out problems need them
         self._eval = None
 
@@ -168,12 +167,10 @@ class Task:
         return self._records
 
     def all_rows(self):
-        """One tokenized row per training record (cached)."""
-        if self._rows is None:
-            settings = {"task": "gsm8k", "version": FORMAT_VERSION, "source": self.source_format}
-            self._rows = load_examples(self.source_key, self.training_records, self.tokenizer, settings,
-                                       self.to_rows, self.cfg.num_proc)
-        return self._rows
+        """One tokenized row per training record (from the data cache after the first run)."""
+        settings = {"task": "gsm8k", "version": FORMAT_VERSION, "source": self.source_format}
+        return load_examples(self.source_key, self.training_records, self.tokenizer, settings, self.to_rows,
+                             self.cfg.num_proc)
 
     def holding_out(self) -> bool:
         """Without task.eval_path, local training data gives up its last records for evaluation;

@@ -168,7 +168,7 @@ def test_accumulate_gradients_with_loss_chunk(tiny_model):
 
 
 def test_config_key():
-    assert tiny_config().trainer.loss_chunk == 256
+    assert tiny_config().trainer.loss_chunk == 128
     assert tiny_config("trainer.loss_chunk=0").trainer.loss_chunk == 0
     with pytest.raises(UserError, match="trainer.loss_chunk=-1: must be >= 0"):
         tiny_config("trainer.loss_chunk=-1")
