@@ -80,23 +80,3 @@ def restart_with_jemalloc() -> None:
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, with_jemalloc(os.environ, library))
 
-
-ALL_ARENAS = 4096  # jemalloc's MALLCTL_ARENAS_ALL: "arena.4096.purge" empties every arena
-
-
-def hand_back_freed_memory() -> bool:
-    """Return to the system the pages that freed memory still holds, once, before the training
-    steps: what loading the model, the tokenizer and the data left behind. jemalloc (told to keep
-    freed pages, see with_jemalloc) purges its arenas; glibc's malloc trims its heaps. The steps
-    after it reuse their own freed pages as before. True when the allocator was asked."""
-    try:
-        process = ctypes.CDLL(None)
-    except OSError:
-        return False
-    if allocator_in_use() == "jemalloc" and hasattr(process, "mallctl"):
-        name = f"arena.{ALL_ARENAS}.purge".encode()
-        return process.mallctl(name, None, None, None, ctypes.c_size_t(0)) == 0
-    if hasattr(process, "malloc_trim"):
-        process.malloc_trim(ctypes.c_size_t(0))
-        return True
-    return False

@@ -70,29 +70,3 @@ def test_the_preloading_environment_keeps_what_the_user_set():
     assert allocator.with_jemalloc({"MALLOC_CONF": "narenas:1"}, "libjemalloc.so.2")["MALLOC_CONF"] == "narenas:1"
 
 
-
-HAND_BACK = """
-from finetune import allocator, environment
-allocator.restart_with_jemalloc()
-def anon_mib():
-    return environment.process_status_kb("RssAnon") / 1024
-kept = [bytearray(64 * 1024) for _ in range(3200)]  # 200 MiB, written
-del kept[::2]  # 100 MiB freed in 64 KiB holes between live blocks: nothing the allocator returns by itself
-before = anon_mib()
-asked = allocator.hand_back_freed_memory()
-print(environment.allocator_in_use(), asked, before - anon_mib())
-"""
-
-
-@pytest.mark.parametrize("which", ["auto", "system"])
-def test_freed_memory_goes_back_to_the_system(which):
-    """What training calls once before its steps: the holes freed memory left go back to the
-    system (jemalloc, which finetune tells to keep freed pages, purges; glibc trims), measured as
-    the process's anonymous resident memory."""
-    done = subprocess.run([sys.executable, "-c", HAND_BACK], env=child_env(FINETUNE_ALLOCATOR=which),
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    name, asked, returned = done.stdout.split()
-    assert name == ("jemalloc" if which == "auto" and INSTALLED else "system")
-    assert asked == "True"
-    assert float(returned) > 80  # of the 100 MiB freed

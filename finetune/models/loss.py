@@ -188,8 +188,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, h.shape[0], chunk):
                 hc = h[start:start + chunk]
                 tc = targets[start:start + chunk]
-                # The chunk's logits as (vocabulary, tokens): W·hcᵀ runs faster than hc·Wᵀ on CPUs,
-                # which lets the chunk be small (a small peak) at the speed of a larger one.
+                # The chunk's logits as (vocabulary, tokens): W·hcᵀ ran faster than hc·Wᵀ on the CPU
+                # measured, so a small chunk (a low peak) costs little (docs/benchmarks.md).
                 logits = weight @ hc.T if bias is None else torch.addmm(bias[:, None], weight, hc.T)
                 logits = logits.to(torch.promote_types(logits.dtype, acc))
                 columns = torch.arange(logits.shape[1], device=logits.device)

@@ -29,7 +29,6 @@ import torch
 
 from finetune import adapters, progress
 from finetune.adapters.base import unfreeze_modules
-from finetune.allocator import hand_back_freed_memory
 from finetune.config.compose import method_settings, to_container
 from finetune.data.batching import ExampleStream, collate, count_loss_tokens
 from finetune.environment import (
@@ -264,7 +263,6 @@ def set_up(s: Session) -> None:
         checkpoint.restore_training(resumed, s.parallel, s.model, s.adapter, s.optimizer, s.scheduler)
         s.step, s.tokens_seen, s.saver.last = resumed.step, resumed.tokens_seen, resumed.path
         s.say(f"resumed from {resumed.path} at step {s.step}")
-    hand_back_freed_memory()  # what loading left freed; the steps' peak then starts lower
 
 
 SHOWN = 4  # pairs in the before/after table
