@@ -79,4 +79,3 @@ def restart_with_jemalloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, with_jemalloc(os.environ, library))
-

@@ -69,4 +69,3 @@ def test_the_preloading_environment_keeps_what_the_user_set():
                    "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
     assert allocator.with_jemalloc({"MALLOC_CONF": "narenas:1"}, "libjemalloc.so.2")["MALLOC_CONF"] == "narenas:1"
 
-
