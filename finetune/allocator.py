@@ -15,6 +15,11 @@ cannot be swapped in once a process runs (every library has already bound ``mall
 
 ``environment.allocator_in_use()`` reads the allocator the process really has from its memory map;
 run.json records it. Only Linux has ``LD_PRELOAD`` for this; elsewhere the system malloc is kept.
+
+jemalloc is told to keep the pages it frees (:func:`with_jemalloc`), so each step reuses the last
+one's. Over many steps some runs' kept pages stop fitting the tensors asked for, and the process
+grows a little every step while what is allocated stays the same; :class:`KeptMemoryWatch` hands
+them back when that happens.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from finetune.errors import UserError
 
 CHOICES = ("auto", "jemalloc", "system")
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # freed pages kept for reuse (see with_jemalloc)
+ALL_ARENAS = 4096  # jemalloc's MALLCTL_ARENAS_ALL: "arena.4096.purge" empties every arena
+SETTLE_STEPS = 3  # the kept memory of the first steps is the run's own (the watch's baseline)
+KEPT_MARGIN = 64 << 20  # bytes kept beyond the baseline before they are handed back
 
 
 def choice(env=os.environ) -> str:
@@ -79,3 +87,62 @@ def restart_with_jemalloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, with_jemalloc(os.environ, library))
+
+
+class KeptMemoryWatch:
+    """Freed pages that jemalloc keeps but no longer reuses, handed back at a step boundary.
+
+    jemalloc keeps every page it frees (:func:`with_jemalloc`). In some runs, and not in others of
+    the same command, the kept pages gradually stop fitting what the steps ask for, and the process
+    grows every step while the memory in use does not (measured: docs/benchmarks.md, "Where the
+    memory goes").
+    :meth:`check` runs after each optimizer step: it reads jemalloc's counters and, once the pages
+    kept beyond what is allocated exceed those of the first :data:`SETTLE_STEPS` steps by
+    :data:`KEPT_MARGIN`, returns all of them to the system. The next step faults back what it
+    uses; a run that does not grow never pays for it."""
+
+    def __init__(self, mallctl):
+        self._mallctl = mallctl
+        self.checks = 0
+        self.baseline = 0
+        self.handed_back = 0  # how many times kept pages were returned
+
+    @classmethod
+    def start(cls) -> KeptMemoryWatch | None:
+        """A watch for this process, or None where it does not have jemalloc (with statistics)."""
+        if allocator_in_use() != "jemalloc":
+            return None
+        mallctl = getattr(ctypes.CDLL(None), "mallctl", None)
+        if mallctl is None:
+            return None
+        watch = cls(mallctl)
+        try:
+            watch.kept()
+        except OSError:  # built without statistics
+            return None
+        return watch
+
+    def _read(self, name: str) -> int:
+        value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+        if self._mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)):
+            raise OSError(f"jemalloc has no {name}")
+        return value.value
+
+    def kept(self) -> int:
+        """Bytes jemalloc holds resident beyond those allocated: freed pages it keeps."""
+        epoch, size = ctypes.c_uint64(1), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint64))
+        self._mallctl(b"epoch", ctypes.byref(epoch), ctypes.byref(size), ctypes.byref(epoch), size)  # fresh counters
+        return self._read("stats.resident") - self._read("stats.allocated")
+
+    def check(self) -> bool:
+        """After an optimizer step: True when the kept pages had grown and were handed back."""
+        self.checks += 1
+        kept = self.kept()
+        if self.checks <= SETTLE_STEPS:
+            self.baseline = max(self.baseline, kept)
+            return False
+        if kept <= self.baseline + KEPT_MARGIN:
+            return False
+        self._mallctl(f"arena.{ALL_ARENAS}.purge".encode(), None, None, None, ctypes.c_size_t(0))
+        self.handed_back += 1
+        return True

@@ -69,3 +69,41 @@ def test_the_preloading_environment_keeps_what_the_user_set():
                    "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
     assert allocator.with_jemalloc({"MALLOC_CONF": "narenas:1"}, "libjemalloc.so.2")["MALLOC_CONF"] == "narenas:1"
 
+
+
+WATCH = """
+import ctypes
+from finetune import allocator
+allocator.restart_with_jemalloc()
+watch = allocator.KeptMemoryWatch.start()
+if watch is None:
+    print("none")
+    raise SystemExit
+MIB = 1 << 20
+steady = [watch.check() for _ in range(allocator.SETTLE_STEPS + 2)]  # nothing grew: nothing handed back
+blocks = [bytearray(MIB) for _ in range(200)]
+for block in blocks:  # written, so resident
+    ctypes.memset((ctypes.c_char * MIB).from_buffer(block), 1, MIB)
+del blocks, block  # 200 MiB freed; jemalloc keeps the pages
+grown = watch.kept() - watch.baseline
+handed = watch.check()
+after = watch.kept() - watch.baseline
+print(any(steady), grown // MIB, handed, after // MIB, watch.handed_back, allocator.KEPT_MARGIN // MIB)
+"""
+
+
+@pytest.mark.parametrize("which", ["auto", "system"])
+def test_kept_pages_that_grow_go_back_to_the_system(which):
+    """The watch training runs after each step, in a child with finetune's jemalloc settings: freed
+    pages kept beyond the first steps' by more than the margin are handed back, once, and nothing is
+    handed back while they do not grow. Without jemalloc there is no watch."""
+    done = subprocess.run([sys.executable, "-c", WATCH], env=child_env(FINETUNE_ALLOCATOR=which),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    if which == "system" or not INSTALLED:
+        assert done.stdout.split() == ["none"]
+        return
+    steady, grown, handed, after, count, margin = done.stdout.split()
+    assert steady == "False" and handed == "True" and count == "1"
+    assert int(grown) >= 190  # the freed 200 MiB are kept...
+    assert int(after) < int(margin)  # ...until the watch hands them back

@@ -29,6 +29,7 @@ import torch
 
 from finetune import adapters, progress
 from finetune.adapters.base import unfreeze_modules
+from finetune.allocator import KeptMemoryWatch
 from finetune.config.compose import method_settings, to_container
 from finetune.data.batching import ExampleStream, collate, count_loss_tokens
 from finetune.environment import (
@@ -133,6 +134,7 @@ class Session:
     peak: tuple[float, str] = (0.0, "")  # the device's peak FLOP/s and where it comes from
     flops_done: float = 0.0  # this process's model FLOPs and training seconds in this session
     train_seconds: float = 0.0
+    kept_memory: KeptMemoryWatch | None = None  # jemalloc's kept pages, handed back when they grow
     before: list | None = None  # the base model's answers to a few prompts (shown next to the trained ones)
     phase: str = "set-up"  # set-up | training | saving | evaluation | merging (what a signal interrupts)
 
@@ -309,6 +311,7 @@ def run_steps(s: Session) -> None:
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
     trainable = [p for group in s.optimizer.param_groups for p in group["params"] if p.requires_grad]
     world, rank = s.parallel.num_processes, s.parallel.process_index
+    s.kept_memory = KeptMemoryWatch.start()
     with progress.bar(total=t.max_steps, initial=s.step, desc="train") as bar:  # closed before any message
         while s.step < t.max_steps:
             step_start = time.time()
@@ -326,6 +329,8 @@ def run_steps(s: Session) -> None:
             s.step += 1
             apply_restart(s.adapter.on_optimizer_step(s.step), s.optimizer, s.scheduler)
             s.tokens_seen += tokens_step
+            if s.kept_memory:
+                s.kept_memory.check()  # in the step's time: what handing back costs is counted
             seconds = max(time.time() - step_start, 1e-9)
             tps = tokens_step / seconds
             step_flops = s.cost.step(micro)  # this process's share, against one device's peak
@@ -383,6 +388,7 @@ def finish(s: Session) -> dict:
     summary = {"final_loss": s.loss, "steps": t.max_steps, "tokens_seen": s.tokens_seen,
                "metric": s.task.metric, "metrics": metrics, "params": s.params,
                "peak_memory_mb": peak_memory_mb(s.device), "mfu": _mfu_summary(s),
+               "kept_memory_handed_back": s.kept_memory.handed_back if s.kept_memory else None,
                "environment": environment_info(s.device)}
     if s.main:
         s.run.log({"step": t.max_steps, "eval": metrics})
