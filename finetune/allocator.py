@@ -96,20 +96,22 @@ class KeptMemoryWatch:
     the same command, the kept pages gradually stop fitting what the steps ask for, and the process
     grows every step while the memory in use does not (measured: docs/benchmarks.md, "Where the
     memory goes").
-    :meth:`check` runs after each optimizer step: it reads jemalloc's counters and, once the pages
-    kept beyond what is allocated exceed those of the first :data:`SETTLE_STEPS` steps by
-    :data:`KEPT_MARGIN`, returns all of them to the system. The next step faults back what it
-    uses; a run that does not grow never pays for it."""
+    :meth:`start` hands back what loading the model, the tokenizer and the data left, before the
+    steps. :meth:`check` runs after each optimizer step: it reads jemalloc's counters and, once the
+    pages kept beyond what is allocated exceed those of the first :data:`SETTLE_STEPS` steps by
+    :data:`KEPT_MARGIN`, hands all of them back. The next step faults back what it uses; a run that
+    does not grow never pays for it."""
 
     def __init__(self, mallctl):
         self._mallctl = mallctl
         self.checks = 0
         self.baseline = 0
-        self.handed_back = 0  # how many times kept pages were returned
+        self.handed_back = 0  # how many times the steps' kept pages were returned
 
     @classmethod
     def start(cls) -> KeptMemoryWatch | None:
-        """A watch for this process, or None where it does not have jemalloc (with statistics)."""
+        """A watch for this process, its freed pages handed back; None where it does not have
+        jemalloc (with statistics)."""
         if allocator_in_use() != "jemalloc":
             return None
         mallctl = getattr(ctypes.CDLL(None), "mallctl", None)
@@ -120,7 +122,12 @@ class KeptMemoryWatch:
             watch.kept()
         except OSError:  # built without statistics
             return None
+        watch.hand_back()
         return watch
+
+    def hand_back(self) -> None:
+        """Return every kept freed page of every arena to the system."""
+        self._mallctl(f"arena.{ALL_ARENAS}.purge".encode(), None, None, None, ctypes.c_size_t(0))
 
     def _read(self, name: str) -> int:
         value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
@@ -143,6 +150,6 @@ class KeptMemoryWatch:
             return False
         if kept <= self.baseline + KEPT_MARGIN:
             return False
-        self._mallctl(f"arena.{ALL_ARENAS}.purge".encode(), None, None, None, ctypes.c_size_t(0))
+        self.hand_back()
         self.handed_back += 1
         return True

@@ -80,6 +80,13 @@ if watch is None:
     print("none")
     raise SystemExit
 MIB = 1 << 20
+loading = [bytearray(MIB) for _ in range(100)]
+for block in loading:  # written, so resident, then freed: what loading leaves behind
+    ctypes.memset((ctypes.c_char * MIB).from_buffer(block), 1, MIB)
+del loading, block
+before = watch.kept()
+watch = allocator.KeptMemoryWatch.start()
+at_start = before - watch.kept()
 steady = [watch.check() for _ in range(allocator.SETTLE_STEPS + 2)]  # nothing grew: nothing handed back
 blocks = [bytearray(MIB) for _ in range(200)]
 for block in blocks:  # written, so resident
@@ -88,22 +95,24 @@ del blocks, block  # 200 MiB freed; jemalloc keeps the pages
 grown = watch.kept() - watch.baseline
 handed = watch.check()
 after = watch.kept() - watch.baseline
-print(any(steady), grown // MIB, handed, after // MIB, watch.handed_back, allocator.KEPT_MARGIN // MIB)
+print(at_start // MIB, any(steady), grown // MIB, handed, after // MIB, watch.handed_back, allocator.KEPT_MARGIN // MIB)
 """
 
 
 @pytest.mark.parametrize("which", ["auto", "system"])
 def test_kept_pages_that_grow_go_back_to_the_system(which):
-    """The watch training runs after each step, in a child with finetune's jemalloc settings: freed
-    pages kept beyond the first steps' by more than the margin are handed back, once, and nothing is
-    handed back while they do not grow. Without jemalloc there is no watch."""
+    """The watch training starts before its steps and runs after each one, in a child with finetune's
+    jemalloc settings: what was freed before the steps is handed back at the start; freed pages kept
+    beyond the first steps' by more than the margin are handed back, once, and nothing is handed
+    back while they do not grow. Without jemalloc there is no watch."""
     done = subprocess.run([sys.executable, "-c", WATCH], env=child_env(FINETUNE_ALLOCATOR=which),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     if which == "system" or not INSTALLED:
         assert done.stdout.split() == ["none"]
         return
-    steady, grown, handed, after, count, margin = done.stdout.split()
+    at_start, steady, grown, handed, after, count, margin = done.stdout.split()
+    assert int(at_start) >= 95  # the 100 MiB freed before the steps
     assert steady == "False" and handed == "True" and count == "1"
     assert int(grown) >= 190  # the freed 200 MiB are kept...
     assert int(after) < int(margin)  # ...until the watch hands them back
