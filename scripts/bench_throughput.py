@@ -267,6 +267,15 @@ def throughput(times: list[float], tokens: list[int], warmup: int) -> float | No
     return sum(tokens[warmup:len(times)]) / elapsed if elapsed > 0 else None
 
 
+def timed_mfu(steps: list[dict], tokens: list[int], warmup: int) -> float | None:
+    """MFU over the steps tokens/s counts (after the warm-up): each step's logged MFU weighted by
+    the step's own seconds (its tokens over its tokens/s), i.e. its FLOPs over their time."""
+    window = [(r["mfu"], n / r["tokens_per_s"]) for r, n in zip(steps[warmup:], tokens[warmup:])
+              if r.get("mfu") and r.get("tokens_per_s")]
+    seconds = sum(sec for _, sec in window)
+    return sum(m * sec for m, sec in window) / seconds if seconds else None
+
+
 def loss_chunk(args, system: str) -> int:
     partial = system == "finetune-partial" and args.partial_loss_chunk is not None
     return args.partial_loss_chunk if partial else args.loss_chunk
@@ -295,7 +304,8 @@ def run_finetune(args, spec: dict, system: str, rows: int, rep: int, work: Path,
     params = info.get("params") or {}
     mfu = info.get("mfu") or {}
     return {"system": system, "rep": rep, "tokens_per_s": throughput(times, tokens, args.warmup_steps),
-            "mfu": mfu.get("mfu"), "peak_flops_per_s": mfu.get("peak_flops_per_s"),
+            "mfu": mfu.get("mfu"), "mfu_timed_steps": timed_mfu(steps, tokens, args.warmup_steps),
+            "peak_flops_per_s": mfu.get("peak_flops_per_s"),
             "tokens_per_step": sum(tokens) / max(len(tokens), 1), "padding_pct": None,
             "peak_rss_mb": res["peak_rss_mb"],
             "cuda_peak_mb": info.get("peak_memory_mb") if args.device == "cuda" else None,
@@ -365,7 +375,8 @@ def mfu_line(runs: list[dict]) -> list[str]:
     peaks = sorted({r["peak_flops_per_s"] for r in runs if r.get("peak_flops_per_s")})
     if not peaks:
         return []
-    return [f"MFU: finetune's run.json over its training steps, against a peak of "
+    return [f"MFU: finetune's run.json over all its training steps, and over the steps tokens/s counts "
+            f"(the warm-up left out, as for tokens/s), against a peak of "
             f"{' / '.join(f'{p / 1e9:,.0f}' for p in peaks)} GFLOP/s (finetune.training.flops).", ""]
 
 
@@ -402,9 +413,11 @@ def markdown(args, spec, rows, stats, summary, runs, info) -> str:
              md_table(["system", "non-padding tokens/s", mem, "tokens/step", "padding %", "last loss",
                        "trainable params"], table), "",
              "Per run:", "",
-             md_table(["rep", "system", "tokens/s", "MFU", "peak RSS MiB", "CUDA peak MiB", "process wall s", "allocator"],
+             md_table(["rep", "system", "tokens/s", "MFU (all steps)", "MFU (timed steps)", "peak RSS MiB",
+                       "CUDA peak MiB", "process wall s", "allocator"],
                       [[r["rep"], r["system"], f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-",
                         f"{r['mfu']:.0%}" if r.get("mfu") else "-",
+                        f"{r['mfu_timed_steps']:.0%}" if r.get("mfu_timed_steps") else "-",
                         f"{r['peak_rss_mb']:,.0f}", f"{r['cuda_peak_mb']:,.0f}" if r["cuda_peak_mb"] else "-",
                         f"{r['process_wall_s']:.0f}", r["allocator"]] for r in runs]), "",
              *mfu_line(runs),

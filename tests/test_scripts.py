@@ -1,11 +1,14 @@
-"""The GPU acceptance script runs its checks end to end (on the CPU with the tiny model, --smoke),
-so that the one GPU run it is meant for does not fail on a bug of its own."""
+"""The scripts under scripts/: the GPU acceptance script runs its checks end to end (on the CPU with
+the tiny model, --smoke), so that the one GPU run it is meant for does not fail on a bug of its own;
+the profiler and memory scripts account for a step; the throughput benchmark's MFU is FLOPs over time."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +71,19 @@ def test_memory_step_counts_what_autograd_keeps(tmp_path):
     # trail an earlier resident reading by a few pages
     assert plain["peak_rss_mb"] >= plain["rss_before_step_mb"] - 1 > 0
     assert results["recompute"]["saved_mb"] < plain["saved_mb"] / 2
+
+
+def test_throughput_mfu_over_the_timed_steps_is_their_flops_over_their_time():
+    """The benchmark's MFU over the steps it times: from each step's logged MFU and tokens/s, the
+    warm-up left out, it equals those steps' FLOPs over their seconds against the peak."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_throughput import timed_mfu
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    peak = 100.0
+    flops, seconds, tokens = [900.0, 300.0, 500.0], [20.0, 4.0, 6.0], [1000, 1200, 1400]  # step 1: the warm-up
+    steps = [{"mfu": f / s / peak, "tokens_per_s": n / s} for f, s, n in zip(flops, seconds, tokens)]
+    assert timed_mfu(steps, tokens, warmup=1) == pytest.approx((300 + 500) / (4 + 6) / peak)
+    assert timed_mfu(steps, tokens, warmup=0) == pytest.approx(sum(flops) / sum(seconds) / peak)
+    assert timed_mfu(steps[:1], tokens[:1], warmup=1) is None  # no step after the warm-up
